@@ -120,7 +120,7 @@ class Hyperparameters:
     qat_lr_factor: float = 1.0
     # quantization and export
     quant_attn_bits: int = 6
-    quant_mlp_bits: int = 6
+    quant_mlp_bits: int = 5
     quant_embed_bits: int = 8
     quant_bigram_bits: int = 6
     passthrough_max_numel: int = 65_536
@@ -134,6 +134,7 @@ class Hyperparameters:
     compressor: str = "zstd"
     zstd_level: int = 22
     max_artifact_bytes: int = 16_000_000
+    auto_fit: bool = True  # when over budget, zero the cheapest +-1 codes until the artifact fits
     # evaluation
     eval_only: bool = False
     eval_seq_len: int = 2048
@@ -968,6 +969,50 @@ def deserialize_artifact(data: bytes) -> tuple[dict, dict]:
     return header["config"], qstate
 
 
+def zero_cheap_unit_codes(qstate: dict, n: int) -> dict:
+    """Copy of qstate with the n +-1 codes of least rounding cost (smallest row scale) set to 0."""
+    if n <= 0:
+        return qstate
+    costs = torch.cat([e["scale"].float().square()[:, None].expand(e["q"].shape)[e["q"].abs() == 1]
+                       for e in qstate.values() if "q" in e])
+    threshold = costs.kthvalue(min(n, costs.numel())).values
+    out = {}
+    for name, e in qstate.items():
+        if "q" in e:
+            cheap = (e["q"].abs() == 1) & (e["scale"].float().square()[:, None] <= threshold)
+            e = {**e, "q": e["q"].masked_fill(cheap, 0)}
+        out[name] = e
+    return out
+
+
+def serialize_within_budget(qstate: dict, config: dict, h: Hyperparameters, log=print) -> bytes:
+    """Serialize; if AUTO_FIT and the artifact is over budget, zero the cheapest +-1 codes, searching the count
+    by regula falsi on the real compressed size (a handful of compressions)."""
+    limit = h.max_artifact_bytes - code_bytes()
+    blob = serialize_artifact(qstate, config, h)
+    if len(blob) <= limit or not h.auto_fit:
+        return blob
+    total = sum(int((e["q"].abs() == 1).sum()) for e in qstate.values() if "q" in e)
+    lo, size_lo = 0, len(blob)
+    hi, best = total, serialize_artifact(zero_cheap_unit_codes(qstate, total), config, h)
+    size_hi = len(best)
+    if size_hi > limit:
+        raise ArtifactTooLarge(f"artifact is {size_lo} bytes; even with all {total} +-1 codes zeroed it is "
+                               f"{size_hi} > {limit} bytes available for the model")
+    for _ in range(8):
+        if hi - lo <= max(total // 2000, 1):
+            break
+        n = lo + int((hi - lo) * (size_lo - limit) / max(size_lo - size_hi, 1) * 1.02)
+        n = min(max(n, lo + 1), hi - 1)
+        trial = serialize_artifact(zero_cheap_unit_codes(qstate, n), config, h)
+        if len(trial) <= limit:
+            hi, size_hi, best = n, len(trial), trial
+        else:
+            lo, size_lo = n, len(trial)
+    log(f"auto_fit: zeroed {hi} of {total} +-1 codes: {len(blob)} -> {len(best)} bytes (limit {limit})")
+    return best
+
+
 def model_config(h: Hyperparameters, looping: bool) -> dict:
     return {**{k: getattr(h, k) for k in MODEL_KNOBS}, "looping": looping}
 
@@ -1331,13 +1376,14 @@ def export_artifact(h: Hyperparameters, model: GPT, device, rank: int, world: in
         log(f"gptq: calibration on {per_rank * world} training sequences, {len(hessians)} Hessians, "
             f"{time.perf_counter() - t0:.1f}s")
     t0 = time.perf_counter()
-    qstate = quantize_state(model, h, hessians)
-    blob = serialize_artifact(qstate, model_config(h, model.looping), h)
-    if rank == 0:
+    if rank == 0:  # one writer; the other ranks read the same bytes back after the barrier
+        qstate = quantize_state(model, h, hessians)
         with open(h.artifact_path, "wb") as f:
-            f.write(blob)
+            f.write(serialize_within_budget(qstate, model_config(h, model.looping), h, log))
     if world > 1:
         dist.barrier()
+    with open(h.artifact_path, "rb") as f:
+        blob = f.read()
     log(f"export: {h.compressor} bitpack:{int(h.bitpack)} prune:{h.prune_frac} -> {h.artifact_path} "
         f"{len(blob)} bytes in {time.perf_counter() - t0:.1f}s")
     return blob
@@ -1422,10 +1468,9 @@ def main():
         pre_quant = scores.val_bpb
         log(f"pre_quant val_loss:{scores.val_loss:.8f} val_bpb:{scores.val_bpb:.8f}")
         t0 = time.perf_counter()
-        blob = export_artifact(h, model, device, rank, world, log)
+        blob = export_artifact(h, model, device, rank, world, log)  # the bytes on disk
         log(f"train_plus_export_time:{train_time + time.perf_counter() - t0:.1f}s")
-        with open(h.artifact_path, "rb") as f:  # every score below comes from the bytes on disk
-            load_artifact_into(model, f.read())
+        load_artifact_into(model, blob)  # every score below comes from the artifact's bytes
     bytes_code = code_bytes()
     log(f"bytes_model:{len(blob)} bytes_code:{bytes_code} bytes_total:{len(blob) + bytes_code} "
         f"limit:{h.max_artifact_bytes}")

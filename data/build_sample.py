@@ -1,0 +1,101 @@
+"""Build train/val shards and a 1024-piece tokenizer from the embedded sample.
+
+    python data/build_sample.py            # -> data/sample_build/ (git-ignored)
+    python data/build_sample.py --force    # rebuild even if up to date
+
+Reads data/sample/sample_train.jsonl.zst and sample_val.jsonl.zst (see
+data/sample/SOURCE.md) and the committed tokenizer data/sample/sample_1024_bpe.model
+(a 1024-piece BPE with the challenge settings, trained on sample_train by
+`--retrain-tokenizer`, which takes about a second) and writes, in ~2 s on 2 cores:
+
+    data/sample_build/fineweb_train_000000.bin ...   (1M-token shards)
+    data/sample_build/fineweb_val_000000.bin
+    data/sample_build/tokenizer.model
+    data/sample_build/meta.json
+
+The build is deterministic (same shard bytes every time) and idempotent: if
+meta.json and all shards it lists exist, were built with the same settings and
+are newer than the sample, the tokenizer and the build scripts, nothing is done.
+Importable: build_sample(out=..., force=...) -> meta dict.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+try:
+    from .build_shards import build, print_summary
+except ImportError:  # run as a script, or with data/ on sys.path
+    from build_shards import build, print_summary
+
+HERE = Path(__file__).resolve().parent
+SAMPLE_TRAIN = HERE / "sample" / "sample_train.jsonl.zst"
+SAMPLE_VAL = HERE / "sample" / "sample_val.jsonl.zst"
+SAMPLE_TOKENIZER = HERE / "sample" / "sample_1024_bpe.model"  # trained on sample_train by this script
+DEFAULT_OUT = HERE / "sample_build"
+SOURCES = [SAMPLE_TRAIN, SAMPLE_VAL, SAMPLE_TOKENIZER,
+           HERE / "build_shards.py", HERE / "shard_io.py", Path(__file__).resolve()]
+
+
+def up_to_date(out: Path, shard_tokens: int, vocab_size: int, tokenizer_source: str) -> dict | None:
+    """Return the existing meta dict if `out` holds a complete build, with the same
+    settings, newer than its sources; else None."""
+    meta_path = out / "meta.json"
+    if not meta_path.is_file():
+        return None
+    try:
+        meta = json.loads(meta_path.read_text())
+        outputs = [out / n for split in ("train", "val") for n in meta[split]["shards"]] + [out / "tokenizer.model"]
+    except (ValueError, KeyError, TypeError):
+        return None
+    if (meta.get("shard_tokens"), meta.get("vocab_size"), meta.get("tokenizer_source")) != \
+            (shard_tokens, vocab_size, tokenizer_source):
+        return None
+    if not all(p.is_file() for p in outputs):
+        return None
+    oldest = min(p.stat().st_mtime for p in outputs + [meta_path])
+    newest_source = max(p.stat().st_mtime for p in SOURCES if p.exists())
+    return meta if oldest >= newest_source else None
+
+
+def build_sample(out=DEFAULT_OUT, force: bool = False, shard_tokens: int = 1_000_000,
+                 vocab_size: int = 1024, retrain: bool = False, quiet: bool = False) -> dict:
+    """Build (or reuse) the sample shards in `out`; return the meta dict.
+
+    Uses the committed data/sample/sample_1024_bpe.model unless `retrain` or
+    vocab_size != 1024, in which case a tokenizer is trained on the sample.
+    """
+    out = Path(out)
+    tokenizer = None if retrain or vocab_size != 1024 or not SAMPLE_TOKENIZER.is_file() else SAMPLE_TOKENIZER
+    source = str(tokenizer) if tokenizer else "trained"
+    meta = None if force else up_to_date(out, shard_tokens, vocab_size, source)
+    if meta is not None:
+        if not quiet:
+            print(f"{out} is up to date (use --force to rebuild)")
+        return meta
+    meta = build([SAMPLE_TRAIN], out, val_input=[SAMPLE_VAL], tokenizer=tokenizer, vocab_size=vocab_size,
+                 shard_tokens=shard_tokens, overwrite=True)
+    if not quiet:
+        print_summary(meta)
+    return meta
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", default=str(DEFAULT_OUT), help="output dir (default data/sample_build)")
+    ap.add_argument("--force", action="store_true", help="rebuild even if the outputs are up to date")
+    ap.add_argument("--shard-tokens", type=int, default=1_000_000, help="tokens per shard (default 1M)")
+    ap.add_argument("--vocab-size", type=int, default=1024, help="!= 1024 implies --retrain-tokenizer")
+    ap.add_argument("--retrain-tokenizer", action="store_true",
+                    help="train a tokenizer on the sample instead of using data/sample/sample_1024_bpe.model")
+    args = ap.parse_args()
+    try:
+        build_sample(args.out, args.force, args.shard_tokens, args.vocab_size, args.retrain_tokenizer)
+    except (OSError, ValueError) as e:
+        sys.exit(f"build_sample: error: {e}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,416 @@
+"""Tokenize text documents into challenge-format train/val shards.
+
+Usage (run from the repo root):
+
+    # reuse an existing SentencePiece model, hold out the first 1000 docs as val
+    python data/build_shards.py corpus/*.jsonl.zst --out /tmp/shards \\
+        --tokenizer tok.model --val-docs 1000
+
+    # train a fresh 1024-piece BPE tokenizer, separate validation files
+    python data/build_shards.py train.jsonl --val-input val.jsonl --out /tmp/shards
+
+Inputs, in the order given:
+  *.jsonl        one JSON object per line with a string "text" field
+  *.jsonl.zst    the same, zstd-compressed (stream-decompressed)
+  *.txt          UTF-8 text; by default (--txt-mode paragraph) every block of
+                 lines separated by one or more blank lines is a document;
+                 --txt-mode file makes each whole .txt file one document.
+
+Every document becomes [BOS=1] + sp.encode(text) (no EOS); documents are
+concatenated and cut into shards of --shard-tokens tokens named
+fineweb_train_000000.bin, ... and fineweb_val_000000.bin, ... in --out, next to
+tokenizer.model and meta.json (the counts printed in the summary).
+Documents whose text is empty or whitespace-only are skipped and counted;
+any other problem with the input is an error that names the file and line.
+
+A trained tokenizer uses the challenge settings (BPE, byte fallback, split
+digits, nmt_nfkc, no dummy prefix, pad/bos/eos/unk = 0/1/2/3,
+character_coverage 0.999) and is trained on at most --tokenizer-docs training
+documents / --tokenizer-chars characters (never on validation documents).
+
+Importable: iter_documents, train_tokenizer, load_tokenizer, check_tokenizer,
+ShardWriter, build.
+"""
+from __future__ import annotations
+
+import argparse
+import io
+import itertools
+import json
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Iterable, Iterator
+
+import numpy as np
+import sentencepiece as spm
+
+try:
+    from .shard_io import write_shard
+except ImportError:  # run as a script, or with data/ on sys.path
+    from shard_io import write_shard
+
+BOS_ID = 1
+SPACE_PIECE = "\u2581"  # '▁'
+TRAINER_SETTINGS = dict(
+    model_type="bpe",
+    byte_fallback=True,
+    split_digits=True,
+    normalization_rule_name="nmt_nfkc",
+    add_dummy_prefix=False,
+    pad_id=0,
+    bos_id=1,
+    eos_id=2,
+    unk_id=3,
+    character_coverage=0.999,
+)
+
+
+# --------------------------------------------------------------------- input
+def _iter_jsonl(path: Path, stream) -> Iterator[str]:
+    for lineno, line in enumerate(io.TextIOWrapper(stream, encoding="utf-8"), 1):
+        if not line.strip():
+            raise ValueError(f"{path}:{lineno}: blank line in JSONL input")
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}:{lineno}: invalid JSON ({e})") from None
+        if not isinstance(obj, dict) or not isinstance(obj.get("text"), str):
+            raise ValueError(f'{path}:{lineno}: expected a JSON object with a string "text" field')
+        yield obj["text"]
+
+
+def _iter_txt(path: Path, mode: str) -> Iterator[str]:
+    text = path.read_text(encoding="utf-8")
+    if mode == "file":
+        yield text
+        return
+    block: list[str] = []
+    for line in text.splitlines():
+        if line.strip():
+            block.append(line)
+        elif block:
+            yield "\n".join(block)
+            block = []
+    if block:
+        yield "\n".join(block)
+
+
+def iter_documents(paths: Iterable, txt_mode: str = "paragraph") -> Iterator[str]:
+    """Yield the text of every document in `paths`, in order (empty texts included).
+
+    Raises FileNotFoundError for a missing file, ValueError for an unknown
+    extension, bad JSON, a JSONL line without a string "text", or bad UTF-8.
+    """
+    for p in paths:
+        path = Path(p)
+        if not path.is_file():
+            raise FileNotFoundError(f"input file not found: {path}")
+        name = path.name.lower()
+        try:
+            if name.endswith((".jsonl.zst", ".jsonl.zstd")):
+                import zstandard
+
+                with open(path, "rb") as fh:
+                    reader = zstandard.ZstdDecompressor().stream_reader(fh, read_across_frames=True)
+                    yield from _iter_jsonl(path, reader)
+            elif name.endswith(".jsonl"):
+                with open(path, "rb") as fh:
+                    yield from _iter_jsonl(path, fh)
+            elif name.endswith(".txt"):
+                yield from _iter_txt(path, txt_mode)
+            else:
+                raise ValueError(f"{path}: unknown input type; expected .jsonl, .jsonl.zst or .txt")
+        except UnicodeDecodeError as e:
+            raise ValueError(f"{path}: not valid UTF-8 ({e})") from None
+
+
+# ----------------------------------------------------------------- tokenizer
+def check_tokenizer(sp: spm.SentencePieceProcessor, where: str = "tokenizer") -> None:
+    """Raise ValueError unless bos_id == 1, '▁' is its own piece and ids fit uint16."""
+    if sp.bos_id() != BOS_ID:
+        raise ValueError(f"{where}: bos_id is {sp.bos_id()}, the shards need BOS id {BOS_ID}")
+    sid = sp.piece_to_id(SPACE_PIECE)
+    if sid == sp.unk_id() or sp.id_to_piece(sid) != SPACE_PIECE:
+        raise ValueError(f"{where}: no standalone '{SPACE_PIECE}' (U+2581) piece; BPB byte counting needs it")
+    if sp.vocab_size() > 65536:
+        raise ValueError(f"{where}: vocab size {sp.vocab_size()} does not fit uint16 shards")
+
+
+def load_tokenizer(path) -> spm.SentencePieceProcessor:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"tokenizer model not found: {path}")
+    sp = spm.SentencePieceProcessor(model_file=str(path))
+    check_tokenizer(sp, str(path))
+    return sp
+
+
+def _training_lines(texts: Iterable[str], max_docs: int, max_chars: int) -> Iterator[str]:
+    chars = 0
+    for text in itertools.islice(texts, max_docs):
+        for line in text.splitlines():
+            # SentencePiece drops over-long sentences; cut them instead
+            for i in range(0, len(line), 8192):
+                piece = line[i:i + 8192]
+                if piece.strip():
+                    chars += len(piece)
+                    yield piece
+        if chars >= max_chars:
+            return
+
+
+def train_tokenizer(texts: Iterable[str], model_path, vocab_size: int = 1024,
+                    max_docs: int = 200_000, max_chars: int = 20_000_000,
+                    threads: int | None = None, verbose: bool = False) -> spm.SentencePieceProcessor:
+    """Train a challenge-style BPE model on (a prefix of) `texts`, write it to `model_path`.
+
+    Empty texts should be filtered out by the caller. Returns the loaded,
+    checked processor.
+    """
+    model_path = Path(model_path)
+    if model_path.suffix != ".model":
+        raise ValueError(f"tokenizer output must end in .model: {model_path}")
+    model_path.parent.mkdir(parents=True, exist_ok=True)
+    lines = _training_lines(texts, max_docs, max_chars)
+    first = next(lines, None)
+    if first is None:
+        raise ValueError("no non-empty text to train the tokenizer on")
+    buf = io.BytesIO()  # model_writer: no path inside the model, so the bytes are reproducible
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=itertools.chain([first], lines),
+        model_writer=buf,
+        vocab_size=vocab_size,
+        hard_vocab_limit=False,
+        max_sentence_length=1 << 16,
+        num_threads=threads or os.cpu_count() or 1,
+        minloglevel=0 if verbose else 2,
+        **TRAINER_SETTINGS,
+    )
+    model_path.write_bytes(buf.getvalue())
+    return load_tokenizer(model_path)
+
+
+# -------------------------------------------------------------------- shards
+class ShardWriter:
+    """Accumulates token arrays and writes fixed-size shards `fineweb_{split}_{i:06d}.bin`.
+
+    `limit` (optional) caps the total token count: add() truncates at it and
+    returns False once it is reached.
+    """
+
+    def __init__(self, out_dir, split: str, shard_tokens: int, limit: int | None = None):
+        if shard_tokens <= 0:
+            raise ValueError("shard_tokens must be positive")
+        self.out_dir, self.split, self.shard_tokens, self.limit = Path(out_dir), split, shard_tokens, limit
+        self.buf = np.empty(min(shard_tokens, 1 << 24), dtype=np.uint16)
+        self.pos = 0          # tokens in buf
+        self.total = 0        # tokens accepted so far
+        self.paths: list[Path] = []
+
+    def add(self, tokens: np.ndarray) -> bool:
+        if self.limit is not None:
+            tokens = tokens[: max(0, self.limit - self.total)]
+        self.total += len(tokens)
+        while len(tokens):
+            room = self.shard_tokens - self.pos
+            take = tokens[:room]
+            if self.pos + len(take) > len(self.buf):  # grow lazily up to shard_tokens
+                new = np.empty(min(self.shard_tokens, max(2 * len(self.buf), self.pos + len(take))), np.uint16)
+                new[: self.pos] = self.buf[: self.pos]
+                self.buf = new
+            self.buf[self.pos: self.pos + len(take)] = take
+            self.pos += len(take)
+            tokens = tokens[len(take):]
+            if self.pos == self.shard_tokens:
+                self._flush()
+        return self.limit is None or self.total < self.limit
+
+    def _flush(self) -> None:
+        path = self.out_dir / f"fineweb_{self.split}_{len(self.paths):06d}.bin"
+        write_shard(path, self.buf[: self.pos])
+        self.paths.append(path)
+        self.pos = 0
+
+    def close(self) -> list[Path]:
+        if self.pos:
+            self._flush()
+        return self.paths
+
+
+def _encode_into(sp, texts: Iterable[str], writer: ShardWriter, stats: dict,
+                 batch_chars: int = 4_000_000, threads: int | None = None) -> None:
+    """Encode non-empty `texts` as [BOS] + ids into `writer`, updating `stats` in place."""
+    threads = threads or os.cpu_count() or 1
+    batch: list[str] = []
+    size = 0
+
+    def flush() -> bool:
+        nonlocal batch, size
+        ids = sp.encode(batch, add_bos=True, num_threads=threads)
+        lens = np.fromiter(map(len, ids), dtype=np.int64, count=len(ids))
+        flat = np.fromiter(itertools.chain.from_iterable(ids), dtype=np.uint16, count=int(lens.sum()))
+        kept = len(ids)
+        if writer.limit is not None and writer.total + len(flat) > writer.limit:
+            # docs that start before the cut count (the last one may be partial)
+            starts = np.cumsum(lens) - lens
+            kept = int(np.searchsorted(starts, writer.limit - writer.total, side="left"))
+        more = writer.add(flat)
+        stats["docs"] += kept
+        stats["text_bytes"] += sum(len(t.encode("utf-8")) for t in batch[:kept])
+        batch, size = [], 0
+        return more
+
+    for text in texts:
+        if not text.strip():
+            stats["empty_docs_skipped"] += 1
+            continue
+        batch.append(text)
+        size += len(text)
+        if size >= batch_chars and not flush():
+            stats["truncated"] = True
+            return
+    if batch and not flush():
+        stats["truncated"] = True
+
+
+# --------------------------------------------------------------------- build
+def _first_nonempty(docs: Iterator[str], n: int) -> Iterator[str]:
+    """Yield from `docs` until `n` non-empty documents (plus any empty ones between) are out."""
+    if n <= 0:
+        return
+    for text in docs:
+        yield text
+        if text.strip():
+            n -= 1
+            if n == 0:
+                return
+
+
+def _new_stats() -> dict:
+    return {"docs": 0, "empty_docs_skipped": 0, "text_bytes": 0, "truncated": False}
+
+
+def build(inputs, out, *, val_input=None, val_docs: int | None = None, tokenizer=None,
+          vocab_size: int = 1024, shard_tokens: int = 100_000_000, max_train_tokens: int | None = None,
+          tokenizer_docs: int = 200_000, tokenizer_chars: int = 20_000_000, txt_mode: str = "paragraph",
+          threads: int | None = None, verbose: bool = False, overwrite: bool = False) -> dict:
+    """Build shards + tokenizer.model + meta.json in `out`; return the meta dict.
+
+    Exactly one of `val_input` (list of files) or `val_docs` (first N non-empty
+    documents of `inputs`) selects the validation set. Existing shards in `out`
+    are an error unless `overwrite` (then they are deleted first).
+    """
+    t0 = time.time()
+    inputs = [Path(p) for p in inputs]
+    if not inputs:
+        raise ValueError("no input files given")
+    if (val_input is None) == (val_docs is None):
+        raise ValueError("give exactly one of val_input or val_docs")
+    if val_docs is not None and val_docs < 1:
+        raise ValueError("val_docs must be >= 1")
+    for p in inputs + [Path(p) for p in (val_input or [])]:
+        if not p.is_file():
+            raise FileNotFoundError(f"input file not found: {p}")
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    old = sorted(out.glob("fineweb_train_*.bin")) + sorted(out.glob("fineweb_val_*.bin"))
+    if old and not overwrite:
+        raise FileExistsError(f"{out} already holds {len(old)} shard(s); pass overwrite=True / --overwrite")
+    for path in old + [out / "meta.json"]:
+        path.unlink(missing_ok=True)  # never mix outputs of an earlier run
+    model_out = out / "tokenizer.model"
+
+    def val_stream() -> Iterator[str]:
+        if val_input is not None:
+            return iter_documents(val_input, txt_mode)
+        return _first_nonempty(iter_documents(inputs, txt_mode), val_docs)
+
+    def train_stream() -> Iterator[str]:
+        docs = iter_documents(inputs, txt_mode)
+        if val_docs:
+            for _ in _first_nonempty(docs, val_docs):  # skip exactly what val_stream() takes
+                pass
+        return docs
+
+    # tokenizer
+    t_tok = time.time()
+    if tokenizer is not None:
+        sp = load_tokenizer(tokenizer)
+        if Path(tokenizer).resolve() != model_out.resolve():
+            shutil.copyfile(tokenizer, model_out)
+        tok_source = str(tokenizer)
+    else:
+        sp = train_tokenizer((t for t in train_stream() if t.strip()), model_out, vocab_size,
+                             tokenizer_docs, tokenizer_chars, threads, verbose)
+        tok_source = "trained"
+    t_tok = time.time() - t_tok
+
+    # shards
+    t_enc = time.time()
+    meta = {"tokenizer": str(model_out), "tokenizer_source": tok_source, "vocab_size": sp.vocab_size(),
+            "bos_id": BOS_ID, "shard_tokens": shard_tokens}
+    for split, stream, limit in (("val", val_stream(), None), ("train", train_stream(), max_train_tokens)):
+        stats = _new_stats()
+        writer = ShardWriter(out, split, shard_tokens, limit)
+        _encode_into(sp, stream, writer, stats, threads=threads)
+        paths = writer.close()
+        if stats["docs"] == 0:
+            raise ValueError(f"no non-empty {split} documents found "
+                             f"({stats['empty_docs_skipped']} empty ones skipped)")
+        stats.update(tokens=writer.total, shards=[p.name for p in paths])
+        meta[split] = stats
+    meta["seconds"] = {"tokenizer": round(t_tok, 2), "encode": round(time.time() - t_enc, 2),
+                       "total": round(time.time() - t0, 2)}
+    (out / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
+    return meta
+
+
+def print_summary(meta: dict) -> None:
+    print(f"tokenizer: {meta['tokenizer']} (vocab {meta['vocab_size']}, from {meta['tokenizer_source']})")
+    for split in ("train", "val"):
+        s = meta[split]
+        tpb = s["tokens"] / max(1, s["text_bytes"])
+        print(f"{split:5s}: {s['docs']:,} docs, {s['tokens']:,} tokens, {len(s['shards'])} shard(s), "
+              f"{s['text_bytes']:,} text bytes ({tpb:.3f} tokens/byte), "
+              f"{s['empty_docs_skipped']} empty docs skipped" + (", cut at --max-train-tokens" if s["truncated"] else ""))
+    t = meta["seconds"]
+    print(f"time: tokenizer {t['tokenizer']}s, encode+write {t['encode']}s, total {t['total']}s")
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("inputs", nargs="+", help=".jsonl, .jsonl.zst or .txt files (training documents)")
+    ap.add_argument("--out", required=True, help="output directory")
+    val = ap.add_mutually_exclusive_group(required=True)
+    val.add_argument("--val-input", nargs="+", metavar="FILE", help="files with the validation documents")
+    val.add_argument("--val-docs", type=int, metavar="N",
+                     help="use the first N non-empty input documents as validation (never trained on)")
+    ap.add_argument("--tokenizer", help="existing SentencePiece .model to use (else one is trained)")
+    ap.add_argument("--vocab-size", type=int, default=1024, help="vocab size when training (default 1024)")
+    ap.add_argument("--tokenizer-docs", type=int, default=200_000, help="max docs to train the tokenizer on")
+    ap.add_argument("--tokenizer-chars", type=int, default=20_000_000, help="max chars to train the tokenizer on")
+    ap.add_argument("--shard-tokens", type=int, default=100_000_000, help="tokens per shard (default 1e8)")
+    ap.add_argument("--max-train-tokens", type=int, default=None, help="stop after this many training tokens")
+    ap.add_argument("--txt-mode", choices=["paragraph", "file"], default="paragraph",
+                    help=".txt documents: blank-line separated blocks (default) or one per file")
+    ap.add_argument("--threads", type=int, default=None, help="encoder/trainer threads (default: all cores)")
+    ap.add_argument("--overwrite", action="store_true", help="delete shards already in --out first")
+    ap.add_argument("--verbose", action="store_true", help="show SentencePiece trainer logs")
+    args = ap.parse_args(argv)
+    try:
+        meta = build(args.inputs, args.out, val_input=args.val_input, val_docs=args.val_docs,
+                     tokenizer=args.tokenizer, vocab_size=args.vocab_size, shard_tokens=args.shard_tokens,
+                     max_train_tokens=args.max_train_tokens, tokenizer_docs=args.tokenizer_docs,
+                     tokenizer_chars=args.tokenizer_chars, txt_mode=args.txt_mode, threads=args.threads,
+                     verbose=args.verbose, overwrite=args.overwrite)
+    except (OSError, ValueError) as e:
+        sys.exit(f"build_shards: error: {e}")
+    print_summary(meta)
+    print(f"wrote {args.out}/meta.json")
+
+
+if __name__ == "__main__":
+    main()
