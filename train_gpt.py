@@ -417,7 +417,7 @@ def rms_norm(x: torch.Tensor) -> torch.Tensor:
 
 
 def rope_tables(seq_len: int, dims: int, base: float, train_seq_len: int, ntk: bool, device):
-    if ntk and seq_len > train_seq_len:  # NTK-aware: stretch the base so low frequencies cover the longer span
+    if ntk and seq_len > train_seq_len and dims > 2:  # NTK-aware: stretch the base so low frequencies cover the longer span
         base = base * (seq_len / train_seq_len) ** (dims / (dims - 2))
     inv_freq = 1.0 / base ** (torch.arange(0, dims, 2, device=device, dtype=torch.float32) / dims)
     freqs = torch.outer(torch.arange(seq_len, device=device, dtype=torch.float32), inv_freq)
@@ -553,7 +553,8 @@ class GPT(nn.Module):
         self.smear = SmearGate(h.model_dim) if h.smear_gate else None
         self.blocks = nn.ModuleList(Block(h, i) for i in range(h.num_layers))
         longest = layer_schedule(h, looping=True)
-        self.skip_weights = nn.Parameter(torch.ones(len(longest) - len(longest) // 2, h.model_dim))
+        n_skips = len(longest) // 2  # decoder j takes encoder n_enc-1-j; an odd extra decoder layer gets none
+        self.skip_weights = nn.Parameter(torch.ones(n_skips, h.model_dim)) if h.unet_skips else None
         self.looping = False
         self.order = layer_schedule(h, looping=False)
         self._init_weights()
@@ -593,7 +594,7 @@ class GPT(nn.Module):
             x = self.smear(x, ids)
         x0, skips, n_enc = x, [], len(self.order) // 2
         for i, layer in enumerate(self.order):
-            if self.h.unet_skips and i >= n_enc and skips:  # U-Net: decoder j takes encoder n_enc-1-j's output
+            if self.skip_weights is not None and i >= n_enc and skips:  # U-Net: mirror-layer skip
                 x = x + self.skip_weights[i - n_enc].to(x.dtype) * skips.pop()
             x = self.blocks[layer](x, x0)
             if i < n_enc:
@@ -928,11 +929,17 @@ def deserialize_artifact(data: bytes) -> tuple[dict, dict]:
     if tag == b"Z":
         if zstandard is None:
             raise RuntimeError("this artifact is zstd-compressed: pip install zstandard")
-        blob = zstandard.ZstdDecompressor().decompress(body)
+        decoder, errors = zstandard.ZstdDecompressor().decompressobj(), zstandard.ZstdError
     elif tag == b"L":
-        blob = lzma.decompress(body)
+        decoder, errors = lzma.LZMADecompressor(), lzma.LZMAError
     else:
         raise ValueError(f"unknown artifact compressor tag {tag!r}")
+    try:
+        blob = decoder.decompress(body)
+    except errors as exc:
+        raise ValueError(f"corrupt artifact: {exc}") from exc
+    if not decoder.eof or decoder.unused_data:
+        raise ValueError("corrupt artifact: truncated, or bytes after the compressed stream")
     if not blob.startswith(ARTIFACT_MAGIC):
         raise ValueError("not a Parameter Golf artifact (bad magic)")
     n = int.from_bytes(blob[len(ARTIFACT_MAGIC):len(ARTIFACT_MAGIC) + 4], "little")
@@ -1009,7 +1016,9 @@ def serialize_within_budget(qstate: dict, config: dict, h: Hyperparameters, log=
             hi, size_hi, best = n, len(trial), trial
         else:
             lo, size_lo = n, len(trial)
-    log(f"auto_fit: zeroed {hi} of {total} +-1 codes: {len(blob)} -> {len(best)} bytes (limit {limit})")
+    zeroed = sum(int((e["q"] == 0).sum()) for e in zero_cheap_unit_codes(qstate, hi).values() if "q" in e) - \
+        sum(int((e["q"] == 0).sum()) for e in qstate.values() if "q" in e)
+    log(f"auto_fit: zeroed {zeroed} of {total} +-1 codes: {len(blob)} -> {len(best)} bytes (limit {limit})")
     return best
 
 
@@ -1295,7 +1304,9 @@ def train_model(h: Hyperparameters, model: GPT, device, rank: int, world: int, l
         for opt in optimizers:
             opt.step()
         model.zero_grad(set_to_none=True)
-        return total / grad_accum
+        if world > 1:  # log the loss of the whole global batch, not only this rank's share
+            dist.all_reduce(total)
+        return total / (grad_accum * world)
 
     if h.warmup_steps > 0:  # compile priming on real batches; every trace of it is undone below
         saved = copy.deepcopy(model.state_dict()), [copy.deepcopy(o.state_dict()) for o in optimizers]
