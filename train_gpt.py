@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import datetime
 import difflib
 import glob
 import hashlib
@@ -149,6 +150,7 @@ class Hyperparameters:
     ttt_freeze_blocks: int = 0
     ttt_batch_seqs: int = 32
     ttt_grad_clip: float = 1.0
+    ttt_lr_horizon: int = 0  # tokens over which the TTT lr decays to 0 (cosine); 0 = constant lr
 
     @classmethod
     def from_env(cls, env=None) -> "Hyperparameters":
@@ -768,7 +770,7 @@ def quantize_rows(w: torch.Tensor, bits: int, col_weight: torch.Tensor | None = 
     best_err = torch.full_like(rowmax, float("inf"))
     best_scale = torch.zeros_like(rowmax)
     for r in CLIP_RATIOS:
-        scale = (rowmax * r / qmax).half().float().clamp_min(1e-8)
+        scale = (rowmax * r / qmax).half().float().clamp_min(2.0 ** -24)  # smallest positive fp16
         q = torch.clamp(torch.round(w / scale[:, None]), -qmax, qmax)
         err = ((w - q * scale[:, None]).square() * cw).sum(dim=1)
         better = err < best_err
@@ -943,33 +945,27 @@ def deserialize_artifact(data: bytes) -> tuple[dict, dict]:
     if not blob.startswith(ARTIFACT_MAGIC):
         raise ValueError("not a Parameter Golf artifact (bad magic)")
     n = int.from_bytes(blob[len(ARTIFACT_MAGIC):len(ARTIFACT_MAGIC) + 4], "little")
-    pos = len(ARTIFACT_MAGIC) + 4
-    header = json.loads(blob[pos:pos + n])
-    pos += n
-    qstate = {}
-    quantized = [t for t in header["tensors"] if "bits" in t]
-    for t in quantized:
-        count = math.prod(t["shape"])
-        raw = blob[pos:pos + t["code_bytes"]]
-        pos += t["code_bytes"]
-        if t["packed"]:
-            qmax = 2 ** (t["bits"] - 1) - 1
-            q = (unpack_bits(raw, t["bits"], count).astype(np.int16) - qmax).astype(np.int8)
-        else:
-            q = np.frombuffer(raw, dtype=np.int8)
+    header, pos = json.loads(blob[len(ARTIFACT_MAGIC) + 4:len(ARTIFACT_MAGIC) + 4 + n]), len(ARTIFACT_MAGIC) + 4 + n
+
+    def take(nbytes: int) -> bytes:
+        nonlocal pos
+        if pos + nbytes > len(blob):
+            raise ValueError("artifact payload is shorter than its header says")
+        pos += nbytes
+        return blob[pos - nbytes:pos]
+
+    qstate, quantized = {}, [t for t in header["tensors"] if "bits" in t]
+    for t in quantized:  # same order as serialize_artifact: all codes, all scales, then passthrough tensors
+        raw, qmax = take(t["code_bytes"]), 2 ** (t["bits"] - 1) - 1
+        q = (unpack_bits(raw, t["bits"], math.prod(t["shape"])).astype(np.int16) - qmax).astype(np.int8) \
+            if t["packed"] else np.frombuffer(raw, dtype=np.int8)
         qstate[t["name"]] = {"bits": t["bits"], "q": torch.from_numpy(q.reshape(t["shape"]).copy())}
     for t in quantized:
-        rows = t["shape"][0]
-        scale = np.frombuffer(blob[pos:pos + 2 * rows], dtype="<f2")
-        pos += 2 * rows
-        qstate[t["name"]]["scale"] = torch.from_numpy(scale.astype(np.float16))
-    for t in header["tensors"]:
-        if "bits" in t:
-            continue
+        scale = np.frombuffer(take(2 * t["shape"][0]), dtype="<f2").astype(np.float16)
+        qstate[t["name"]]["scale"] = torch.from_numpy(scale)
+    for t in (t for t in header["tensors"] if "bits" not in t):
         dtype = np.dtype(t["dtype"]).newbyteorder("<")
-        nbytes = math.prod(t["shape"]) * dtype.itemsize
-        arr = np.frombuffer(blob[pos:pos + nbytes], dtype=dtype).reshape(t["shape"])
-        pos += nbytes
+        arr = np.frombuffer(take(math.prod(t["shape"]) * dtype.itemsize), dtype=dtype).reshape(t["shape"])
         qstate[t["name"]] = {"data": torch.from_numpy(arr.astype(dtype.newbyteorder("=")))}
     if pos != len(blob):
         raise ValueError(f"artifact payload has {len(blob) - pos} unexplained trailing bytes")
@@ -1164,7 +1160,6 @@ def eval_ttt(model: GPT, tokens, h: Hyperparameters, luts, rank=0, world_size=1,
     total, per_chunk = Scores(device), []
     scored_to = 0
     for c in range(n_chunks):
-        model.eval()
         chunk_scores = Scores(device)
         mine = rank_slice(len(by_chunk[c]), rank, world_size)
         score_windows(model, tokens, by_chunk[c][mine.start:mine.stop], seq_len, h.val_batch_seqs, luts,
@@ -1181,11 +1176,11 @@ def eval_ttt(model: GPT, tokens, h: Hyperparameters, luts, rank=0, world_size=1,
         assert hi <= scored_to, "TTT would train on a token before scoring it"
         if events is not None:
             events.append(("train", c, hi))
-        for g in opt.param_groups:
-            g["lr"] = h.ttt_lr * 0.5 * (1.0 + math.cos(math.pi * c / max(n_chunks - 1, 1)))
+        decay = min(lo / h.ttt_lr_horizon, 1.0) if h.ttt_lr_horizon > 0 else 0.0
+        for g in opt.param_groups:  # fixed horizon: a chunk's score never depends on how much text follows it
+            g["lr"] = h.ttt_lr * 0.5 * (1.0 + math.cos(math.pi * decay))
         starts = list(range(lo, hi, seq_len))
         per_step = h.ttt_batch_seqs * world_size
-        model.train()
         for _ in range(h.ttt_epochs):
             for b in range(0, len(starts), per_step):  # every rank takes part in every step
                 group = starts[b:b + per_step]
@@ -1197,23 +1192,18 @@ def eval_ttt(model: GPT, tokens, h: Hyperparameters, luts, rank=0, world_size=1,
                     with autocast_context(device):
                         nll = model(seqs[:, :-1], seqs[:, 1:], reduction="none")
                     (nll.float().sum() / n_tokens).backward()
-                sync_ttt_step(params, opt, h.ttt_grad_clip, world_size)
+                if world_size > 1:  # one flat all-reduce; each rank's loss is already over the global count
+                    flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).flatten() for p in params])
+                    dist.all_reduce(flat)
+                    for p, g in zip(params, flat.split([p.numel() for p in params])):
+                        p.grad = g.view_as(p)
+                if h.ttt_grad_clip > 0:
+                    torch.nn.utils.clip_grad_norm_(params, h.ttt_grad_clip)
+                opt.step()
+                opt.zero_grad(set_to_none=True)
     for p in model.parameters():
         p.requires_grad_(False)
-    model.eval()
-    return total.reduce(1), per_chunk
-
-
-def sync_ttt_step(params, opt, clip: float, world_size: int):
-    if world_size > 1:
-        for p in params:
-            if p.grad is None:
-                p.grad = torch.zeros_like(p)
-            dist.all_reduce(p.grad)  # each rank's loss is already divided by the global token count
-    if clip > 0:
-        torch.nn.utils.clip_grad_norm_(params, clip)
-    opt.step()
-    opt.zero_grad(set_to_none=True)
+    return total, per_chunk
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1221,17 +1211,17 @@ def sync_ttt_step(params, opt, clip: float, world_size: int):
 # ----------------------------------------------------------------------------------------------
 
 
-class Logger:
-    def __init__(self, path: str | None):
-        self.path = path
-        if path:
-            os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+def make_logger(path: str | None):
+    """Rank 0 prints and appends to its log file; the other ranks stay silent."""
+    if path:
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
 
-    def __call__(self, msg: str):
-        if self.path:
+    def log(msg: str):
+        if path:
             print(msg, flush=True)
-            with open(self.path, "a", encoding="utf-8") as f:
+            with open(path, "a", encoding="utf-8") as f:
                 f.write(msg + "\n")
+    return log
 
 
 def setup_distributed(h: Hyperparameters):
@@ -1248,7 +1238,8 @@ def setup_distributed(h: Hyperparameters):
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     if world > 1:
-        dist.init_process_group("nccl" if use_cuda else "gloo")
+        # generous timeout: ranks wait at a barrier while rank 0 runs GPTQ and zstd-22 (several passes if auto-fit)
+        dist.init_process_group("nccl" if use_cuda else "gloo", timeout=datetime.timedelta(minutes=30))
     return rank, world, device
 
 
@@ -1266,11 +1257,9 @@ def check_ranks_in_sync(model: nn.Module, world_size: int, device) -> list[int]:
     for p in model.state_dict().values():
         digest.update(p.detach().float().cpu().numpy().tobytes())
     mine = torch.tensor([int.from_bytes(digest.digest()[:7], "little")], dtype=torch.int64, device=device)
-    hashes = [torch.zeros_like(mine) for _ in range(world_size)]
+    hashes = [torch.zeros_like(mine) for _ in range(world_size)] if world_size > 1 else [mine]
     if world_size > 1:
         dist.all_gather(hashes, mine)
-    else:
-        hashes = [mine]
     values = [int(x.item()) for x in hashes]
     if len(set(values)) != 1:
         raise RuntimeError(f"ranks disagree on the weights: {values}")
@@ -1311,9 +1300,11 @@ def train_model(h: Hyperparameters, model: GPT, device, rank: int, world: int, l
     if h.warmup_steps > 0:  # compile priming on real batches; every trace of it is undone below
         saved = copy.deepcopy(model.state_dict()), [copy.deepcopy(o.state_dict()) for o in optimizers]
         loader = make_loader()
-        for _ in range(h.warmup_steps):
+        for i in range(h.warmup_steps):
+            model.set_looping(i >= h.warmup_steps // 2)  # prime the looped graph too, if there is one
             train_step(loader)
         loader.close()
+        model.set_looping(False)
         model.load_state_dict(saved[0])
         for opt, state in zip(optimizers, saved[1]):
             opt.load_state_dict(state)
@@ -1450,7 +1441,7 @@ def main():
     h = Hyperparameters.from_env()
     rank, world, device = setup_distributed(h)
     run_id = h.run_id or time.strftime("%Y%m%d_%H%M%S_") + uuid.uuid4().hex[:6]
-    log = Logger(os.path.join(h.log_dir, f"{run_id}.txt") if rank == 0 else None)
+    log = make_logger(os.path.join(h.log_dir, f"{run_id}.txt") if rank == 0 else None)
     log(f"run_id:{run_id} torch:{torch.__version__} device:{device} world:{world} grad_accum:{8 // world} "
         f"gpu:{torch.cuda.get_device_name(device) if device.type == 'cuda' else 'none'}")
     log("hyperparameters " + json.dumps(asdict(h), sort_keys=True))

@@ -338,6 +338,18 @@ def test_ttt_truncated_stream_prefix(ttt_setup):
         assert torch.equal(short[c], per_chunk[c]), f"chunk {c} depends on the length of the stream after it"
 
 
+def test_ttt_truncated_stream_prefix_with_lr_decay(ttt_setup):
+    """Same with the cosine TTT lr decay on: its horizon is a fixed token count, not the stream's length."""
+    h, luts, base, tokens, *_ = ttt_setup
+    h = dataclasses.replace(h, ttt_lr_horizon=3 * h.ttt_chunk_tokens)
+    k, end = 2, 3 * h.ttt_chunk_tokens
+    _, full = tg.eval_ttt(copy.deepcopy(base), tokens, h, luts)
+    _, short = tg.eval_ttt(copy.deepcopy(base), tokens[:end + 1], h, luts)
+    assert len(short) == k + 1 and len(full) > k + 1
+    for c in range(k + 1):
+        assert torch.equal(short[c], full[c]), f"chunk {c} depends on the length of the stream after it"
+
+
 def test_ttt_without_epochs_is_sliding(ev_setup, ttt_setup):
     h, luts, base, tokens, *_ = ttt_setup
     h0 = dataclasses.replace(h, ttt_epochs=0)
