@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -23,6 +24,16 @@ TINY_KNOBS = {
     "GPTQ_CALIB_SEQS": "8", "PASSTHROUGH_MAX_NUMEL": "1024", "VAL_LOSS_EVERY": "0", "TRAIN_LOG_EVERY": "1",
     "AVERAGING": "none", "QAT_START_FRAC": "0.5", "MATRIX_LR": "0.02", "EMBED_LR": "0.05",
 }
+
+
+@pytest.fixture(autouse=True, scope="session")
+def one_torch_thread():
+    """One intra-op thread, like OMP_NUM_THREADS=1 for the script runs: the tensors here are tiny, and on a busy
+    2-core machine a second OpenMP thread only spins (tiny forward passes ran ~100x slower)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="session")

@@ -29,14 +29,6 @@ TRAIN_LINE = re.compile(r"^step:(\d+)/\d+ train_loss:([0-9.]+)", re.M)
 VAL_LINE = re.compile(r"^step:(\d+) val_loss:([0-9.]+) val_bpb:([0-9.]+)", re.M)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """In-process torch work here is tiny; on a busy 2-core machine a second OpenMP thread only spins."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 def _env(sample_data: Path, workdir: Path) -> dict:
     """conftest's `tiny_env` (rebuilt here because the runs are shared by the whole module)."""

@@ -17,15 +17,6 @@ from conftest import TINY_KNOBS
 N_TARGETS = 1990  # not a multiple of the stride, the window or the TTT chunk: the tail window is padded
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """One intra-op thread, like OMP_NUM_THREADS=1 for the script runs: on a busy 2-core machine two threads
-    make a tiny forward pass ~100x slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 
 @pytest.fixture(scope="module")

@@ -38,14 +38,6 @@ CPU = torch.device("cpu")
 # ----------------------------------------------------------------------------------------------
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """In-process torch work here is tiny; on a busy 2-core machine a second OpenMP thread only spins."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 
 def subprocess_env(sample_data: Path, workdir: Path, **overrides) -> dict:

@@ -23,15 +23,6 @@ BASE_KNOBS = {
 }
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _single_thread():
-    """Tiny matrices: one intra-op thread is fastest, and avoids OpenMP oversubscription on a busy 2-core box."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def make_h(**over) -> tg.Hyperparameters:
     return tg.Hyperparameters.from_env({**BASE_KNOBS, **{k: str(v) for k, v in over.items()}})
 

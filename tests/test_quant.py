@@ -24,15 +24,6 @@ SCRIPT = ROOT / "train_gpt.py"
 FP16_TINIEST = 2.0 ** -24  # smallest positive (subnormal) float16
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """One intra-op thread, like OMP_NUM_THREADS=1 for the script runs: on a busy 2-core machine two threads
-    make a tiny forward pass ~100x slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 def qmax_of(bits: int) -> int:
     return 2 ** (bits - 1) - 1
