@@ -13,13 +13,11 @@ import datetime
 import difflib
 import glob
 import hashlib
-import io
 import json
 import lzma
 import math
 import os
 import queue
-import sys
 import threading
 import time
 import uuid
@@ -135,12 +133,12 @@ class Hyperparameters:
     compressor: str = "zstd"
     zstd_level: int = 22
     max_artifact_bytes: int = 16_000_000
-    auto_fit: bool = True  # when over budget, zero the cheapest +-1 codes until the artifact fits
+    auto_fit: bool = True  # when over budget, widen the quantization steps until the artifact fits
     # evaluation
     eval_only: bool = False
     eval_seq_len: int = 2048
     eval_stride: int = 64
-    sliding_eval: bool = True
+    sliding_eval: bool = False  # TTT already scores every sliding window; a separate pass costs eval time
     ttt: bool = True
     ttt_optimizer: str = "sgd"
     ttt_lr: float = 0.002
@@ -453,7 +451,7 @@ class CausalSelfAttention(nn.Module):
         k = rms_norm(self.c_k(x).view(B, T, self.kv_heads, self.head_dim))
         v = self.c_v(x).view(B, T, self.kv_heads, self.head_dim)
         cos, sin = rope_tables(T, self.rope_dims, self.rope_base, self.train_seq_len, self.rope_ntk, x.device)
-        q = apply_rope(q, cos, sin, self.rope_dims) * self.q_gain.to(x.dtype)[:, None]
+        q = apply_rope(q, cos, sin, self.rope_dims) * self.q_gain.to(q.dtype)[:, None]
         k = apply_rope(k, cos, sin, self.rope_dims)
         y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
                                            is_causal=True, enable_gqa=self.heads != self.kv_heads)
@@ -760,9 +758,10 @@ def tensor_bits(name: str, h: Hyperparameters) -> int:
     return 0
 
 
-def quantize_rows(w: torch.Tensor, bits: int, col_weight: torch.Tensor | None = None, keep=None):
+def quantize_rows(w: torch.Tensor, bits: int, col_weight: torch.Tensor | None = None, keep=None, step_mult=1.0):
     """Per-row symmetric quantization; each row's clip is the candidate ratio of its max with least
-    (optionally column-weighted) squared error. Returns int8 codes and fp16 scales."""
+    (optionally column-weighted) squared error. step_mult > 1 widens the steps (fewer levels used, fewer bytes).
+    Returns int8 codes and fp16 scales."""
     qmax = 2 ** (bits - 1) - 1
     w = w.float() if keep is None else w.float() * keep
     cw = torch.ones(w.size(1), device=w.device) if col_weight is None else col_weight.float()
@@ -770,7 +769,7 @@ def quantize_rows(w: torch.Tensor, bits: int, col_weight: torch.Tensor | None = 
     best_err = torch.full_like(rowmax, float("inf"))
     best_scale = torch.zeros_like(rowmax)
     for r in CLIP_RATIOS:
-        scale = (rowmax * r / qmax).half().float().clamp_min(2.0 ** -24)  # smallest positive fp16
+        scale = (rowmax * r * step_mult / qmax).half().float().clamp_min(2.0 ** -24)  # smallest positive fp16
         q = torch.clamp(torch.round(w / scale[:, None]), -qmax, qmax)
         err = ((w - q * scale[:, None]).square() * cw).sum(dim=1)
         better = err < best_err
@@ -780,7 +779,7 @@ def quantize_rows(w: torch.Tensor, bits: int, col_weight: torch.Tensor | None = 
 
 
 def gptq_quantize(w: torch.Tensor, hessian: torch.Tensor, bits: int, block: int = 128, damp: float = 0.01,
-                  keep: torch.Tensor | None = None):
+                  keep: torch.Tensor | None = None, step_mult: float = 1.0):
     """GPTQ: quantize columns in order of decreasing Hessian diagonal, pushing each column's rounding error
     onto the columns not yet quantized through the inverse-Hessian Cholesky factor."""
     qmax = 2 ** (bits - 1) - 1
@@ -790,7 +789,7 @@ def gptq_quantize(w: torch.Tensor, hessian: torch.Tensor, bits: int, block: int 
     dead = torch.diag(H) == 0
     H[dead, dead] = 1.0
     w[:, dead] = 0.0
-    _, scale = quantize_rows(w, bits, torch.diag(H), keep)
+    _, scale = quantize_rows(w, bits, torch.diag(H), keep, step_mult)
     scale = scale.float()
     perm = torch.argsort(torch.diag(H), descending=True)
     inv_perm = torch.argsort(perm)
@@ -838,8 +837,9 @@ def collect_hessians(model: GPT, batches, names: set[str], world_size: int) -> d
         mod_name = name[: -len(".weight")]
 
         def hook(mod, inputs, _out, key=name):
-            x = inputs[0].detach().reshape(-1, inputs[0].size(-1)).float()
-            hessians[key] = hessians.get(key, 0) + x.T @ x
+            with torch.autocast(inputs[0].device.type, enabled=False):  # fp32 Hessian, not bf16
+                x = inputs[0].detach().reshape(-1, inputs[0].size(-1)).float()
+                hessians[key] = hessians.get(key, 0) + x.T @ x
             counts[key] = counts.get(key, 0) + x.size(0)
 
         hooks.append(modules[mod_name].register_forward_hook(hook))
@@ -860,7 +860,7 @@ def collect_hessians(model: GPT, batches, names: set[str], world_size: int) -> d
 
 
 @torch.no_grad()
-def quantize_state(model: GPT, h: Hyperparameters, hessians: dict | None = None) -> dict:
+def quantize_state(model: GPT, h: Hyperparameters, hessians: dict | None = None, step_mult: float = 1.0) -> dict:
     """name -> {"bits", "q", "scale"} for quantized tensors or {"data"} for passthrough."""
     out = {}
     for name, t in model.state_dict().items():
@@ -871,9 +871,9 @@ def quantize_state(model: GPT, h: Hyperparameters, hessians: dict | None = None)
             continue
         keep = magnitude_keep_mask(t.float(), h.prune_frac) if name.startswith("blocks.") else None
         if hessians is not None and name in hessians:
-            q, scale = gptq_quantize(t, hessians[name], bits, h.gptq_block, h.gptq_damp, keep)
+            q, scale = gptq_quantize(t, hessians[name], bits, h.gptq_block, h.gptq_damp, keep, step_mult)
         else:
-            q, scale = quantize_rows(t, bits, keep=keep)
+            q, scale = quantize_rows(t, bits, keep=keep, step_mult=step_mult)
         out[name] = {"bits": bits, "q": q.cpu(), "scale": scale.cpu()}
     return out
 
@@ -972,50 +972,29 @@ def deserialize_artifact(data: bytes) -> tuple[dict, dict]:
     return header["config"], qstate
 
 
-def zero_cheap_unit_codes(qstate: dict, n: int) -> dict:
-    """Copy of qstate with the n +-1 codes of least rounding cost (smallest row scale) set to 0."""
-    if n <= 0:
-        return qstate
-    costs = torch.cat([e["scale"].float().square()[:, None].expand(e["q"].shape)[e["q"].abs() == 1]
-                       for e in qstate.values() if "q" in e])
-    threshold = costs.kthvalue(min(n, costs.numel())).values
-    out = {}
-    for name, e in qstate.items():
-        if "q" in e:
-            cheap = (e["q"].abs() == 1) & (e["scale"].float().square()[:, None] <= threshold)
-            e = {**e, "q": e["q"].masked_fill(cheap, 0)}
-        out[name] = e
-    return out
+STEP_MULTS = (1.0, 1.1, 1.2, 1.3, 1.45, 1.6, 1.8, 2.0)
 
 
-def serialize_within_budget(qstate: dict, config: dict, h: Hyperparameters, log=print) -> bytes:
-    """Serialize; if AUTO_FIT and the artifact is over budget, zero the cheapest +-1 codes, searching the count
-    by regula falsi on the real compressed size (a handful of compressions)."""
-    limit = h.max_artifact_bytes - code_bytes()
-    blob = serialize_artifact(qstate, config, h)
-    if len(blob) <= limit or not h.auto_fit:
-        return blob
-    total = sum(int((e["q"].abs() == 1).sum()) for e in qstate.values() if "q" in e)
-    lo, size_lo = 0, len(blob)
-    hi, best = total, serialize_artifact(zero_cheap_unit_codes(qstate, total), config, h)
-    size_hi = len(best)
-    if size_hi > limit:
-        raise ArtifactTooLarge(f"artifact is {size_lo} bytes; even with all {total} +-1 codes zeroed it is "
-                               f"{size_hi} > {limit} bytes available for the model")
-    for _ in range(8):
-        if hi - lo <= max(total // 2000, 1):
-            break
-        n = lo + int((hi - lo) * (size_lo - limit) / max(size_lo - size_hi, 1) * 1.02)
-        n = min(max(n, lo + 1), hi - 1)
-        trial = serialize_artifact(zero_cheap_unit_codes(qstate, n), config, h)
-        if len(trial) <= limit:
-            hi, size_hi, best = n, len(trial), trial
-        else:
-            lo, size_lo = n, len(trial)
-    zeroed = sum(int((e["q"] == 0).sum()) for e in zero_cheap_unit_codes(qstate, hi).values() if "q" in e) - \
-        sum(int((e["q"] == 0).sum()) for e in qstate.values() if "q" in e)
-    log(f"auto_fit: zeroed {zeroed} of {total} +-1 codes: {len(blob)} -> {len(best)} bytes (limit {limit})")
-    return best
+def quantize_within_budget(model: GPT, h: Hyperparameters, hessians, config: dict, log=print) -> bytes:
+    """Quantize and serialize. If AUTO_FIT and the artifact is over budget, widen every quantization step by the
+    next STEP_MULTS factor (fewer levels in use: lower entropy, fewer bytes) until it fits. After the first pass,
+    a trial's size is first estimated with zstd level 3 scaled by the first pass's level-22/level-3 ratio."""
+    limit, ratio = h.max_artifact_bytes - code_bytes(), None
+    fast = Hyperparameters(**{**asdict(h), "zstd_level": 3})
+    for mult in STEP_MULTS if h.auto_fit else (1.0,):
+        qstate = quantize_state(model, h, hessians, mult)
+        if ratio is not None and len(serialize_artifact(qstate, config, fast)) * ratio > limit:
+            log(f"auto_fit: steps x{mult}: estimated over the {limit}-byte limit")
+            continue
+        blob = serialize_artifact(qstate, config, h)
+        if ratio is None and h.compressor == "zstd":
+            ratio = len(blob) / len(serialize_artifact(qstate, config, fast))
+        if len(blob) <= limit or not h.auto_fit:
+            if mult > 1.0:
+                log(f"auto_fit: quantization steps x{mult} -> {len(blob)} bytes (limit {limit})")
+            return blob
+        log(f"auto_fit: steps x{mult}: {len(blob)} bytes, over the {limit}-byte limit")
+    raise ArtifactTooLarge(f"artifact stays over {limit} bytes for the model even with steps x{STEP_MULTS[-1]}")
 
 
 def model_config(h: Hyperparameters, looping: bool) -> dict:
@@ -1056,10 +1035,11 @@ class Scores:
     def __init__(self, device):
         self.sums = torch.zeros(3, dtype=torch.float64, device=device)
 
-    def add(self, nll: torch.Tensor, prev: torch.Tensor, tgt: torch.Tensor, luts):
-        self.sums[0] += nll.double().sum()
-        self.sums[1] += nll.numel()
-        self.sums[2] += target_bytes(prev, tgt, luts).sum().double()
+    def add(self, nll: torch.Tensor, prev: torch.Tensor, tgt: torch.Tensor, luts, mask=None):
+        mask = torch.ones_like(nll, dtype=torch.bool) if mask is None else mask
+        self.sums[0] += torch.where(mask, nll.double(), 0.0).sum()
+        self.sums[1] += mask.sum()
+        self.sums[2] += torch.where(mask, target_bytes(prev, tgt, luts), 0).sum()
 
     def reduce(self, world_size: int) -> "Scores":
         if world_size > 1:
@@ -1079,21 +1059,9 @@ def rank_slice(n: int, rank: int, world_size: int) -> range:
     return range(n * rank // world_size, n * (rank + 1) // world_size)
 
 
-@torch.no_grad()
 def eval_plain(model, tokens, seq_len, batch_seqs, luts, rank=0, world_size=1) -> Scores:
-    """Non-overlapping windows of seq_len; every target scored once with its in-window context."""
-    device = luts[0].device
-    n_seq = (tokens.numel() - 1) // seq_len
-    scores = Scores(device)
-    mine = rank_slice(n_seq, rank, world_size)
-    for s in range(mine.start, mine.stop, batch_seqs):
-        e = min(s + batch_seqs, mine.stop)
-        chunk = tokens[s * seq_len:e * seq_len + 1].to(device)
-        x, y = chunk[:-1].view(-1, seq_len), chunk[1:].view(-1, seq_len)
-        with autocast_context(device):
-            nll = model(x, y, reduction="none")
-        scores.add(nll, x, y, luts)
-    return scores.reduce(world_size)
+    """Non-overlapping windows of seq_len: the sliding evaluation with stride = seq_len."""
+    return eval_sliding(model, tokens, seq_len, seq_len, batch_seqs, luts, rank, world_size)
 
 
 def sliding_windows(n_targets: int, seq_len: int, stride: int) -> list[tuple[int, int, int]]:
@@ -1112,21 +1080,21 @@ def sliding_windows(n_targets: int, seq_len: int, stride: int) -> list[tuple[int
 
 @torch.no_grad()
 def score_windows(model, tokens, windows, seq_len, batch_seqs, luts, scores: Scores):
-    """Score each window's range; short tail windows are right-padded, which causality makes harmless."""
+    """Score each window's target range in batches of exactly batch_seqs rows, so a compiled model sees one
+    shape: missing rows score nothing, and a window running past the end is right-padded (harmless: causal)."""
     device = luts[0].device
+    tokens = tokens.to(device)
+    offsets = torch.arange(seq_len + 1, device=device)
     for b in range(0, len(windows), batch_seqs):
-        batch = windows[b:b + batch_seqs]
-        x = torch.zeros(len(batch), seq_len, dtype=torch.int64)
-        y = torch.zeros_like(x)
-        for i, (start, _, _) in enumerate(batch):
-            span = tokens[start:start + seq_len + 1]
-            x[i, :span.numel() - 1], y[i, :span.numel() - 1] = span[:-1], span[1:]
-        x, y = x.to(device), y.to(device)
+        w = torch.tensor(windows[b:b + batch_seqs], dtype=torch.int64, device=device).view(-1, 3)
+        w = torch.cat((w, w.new_zeros(batch_seqs - w.size(0), 3)))  # (0, 0, 0): an empty score range
+        pos = w[:, :1] + offsets
+        seq = tokens[pos.clamp_max(tokens.numel() - 1)]
+        x, y = seq[:, :-1].contiguous(), seq[:, 1:].contiguous()
         with autocast_context(device):
             nll = model(x, y, reduction="none")
-        for i, (start, lo, hi) in enumerate(batch):
-            a, z = lo - start, hi - start
-            scores.add(nll[i, a:z], x[i, a:z], y[i, a:z], luts)
+        mask = (pos[:, :-1] >= w[:, 1:2]) & (pos[:, :-1] < w[:, 2:3])
+        scores.add(nll, x, y, luts, mask)
 
 
 def eval_sliding(model, tokens, seq_len, stride, batch_seqs, luts, rank=0, world_size=1) -> Scores:
@@ -1190,7 +1158,7 @@ def eval_ttt(model: GPT, tokens, h: Hyperparameters, luts, rank=0, world_size=1,
                     seqs = torch.stack([tokens[s:s + length + 1] for s in mine if min(seq_len, hi - s) == length])
                     seqs = seqs.to(device)
                     with autocast_context(device):
-                        nll = model(seqs[:, :-1], seqs[:, 1:], reduction="none")
+                        nll = model(seqs[:, :-1].contiguous(), seqs[:, 1:].contiguous(), reduction="none")
                     (nll.float().sum() / n_tokens).backward()
                 if world_size > 1:  # one flat all-reduce; each rank's loss is already over the global count
                     flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).flatten() for p in params])
@@ -1237,6 +1205,8 @@ def setup_distributed(h: Hyperparameters):
         torch.cuda.set_device(device)
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
+        dynamo = torch._dynamo.config  # eval and TTT add a few graphs to the training one; never fall back to eager
+        setattr(dynamo, "recompile_limit" if hasattr(dynamo, "recompile_limit") else "cache_size_limit", 64)
     if world > 1:
         # generous timeout: ranks wait at a barrier while rank 0 runs GPTQ and zstd-22 (several passes if auto-fit)
         dist.init_process_group("nccl" if use_cuda else "gloo", timeout=datetime.timedelta(minutes=30))
@@ -1314,7 +1284,7 @@ def train_model(h: Hyperparameters, model: GPT, device, rank: int, world: int, l
     reserve = h.gptq_reserve_seconds if h.gptq else 0.0
     budget = max(h.max_wallclock_seconds - reserve, 1e-9) if h.max_wallclock_seconds > 0 else 0.0
     loader = make_loader()
-    step, train_time, qat_on, stop = 0, 0.0, False, False
+    step, train_time, train_time_now, qat_on, stop = 0, 0.0, 0.0, False, False
     if device.type == "cuda":
         torch.cuda.synchronize()
     t_resume = time.perf_counter()
@@ -1328,7 +1298,7 @@ def train_model(h: Hyperparameters, model: GPT, device, rank: int, world: int, l
             t_resume = time.perf_counter()
         if last:
             break
-        frac = train_time / budget if budget else step / h.iterations
+        frac = train_time_now / budget if budget else step / h.iterations  # same value on every rank
         lr_mul = lr_multiplier(frac, h)
         if h.qat and not qat_on and frac >= h.qat_start_frac:
             model.set_qat(True)
@@ -1362,7 +1332,7 @@ def train_model(h: Hyperparameters, model: GPT, device, rank: int, world: int, l
     return train_time, step
 
 
-def export_artifact(h: Hyperparameters, model: GPT, device, rank: int, world: int, log) -> bytes:
+def export_artifact(h: Hyperparameters, model: GPT, device, rank: int, world: int, log, train_time: float) -> bytes:
     """GPTQ calibration on training tokens, quantization, compression, and the write to ARTIFACT_PATH."""
     hessians = None
     if h.gptq:
@@ -1375,13 +1345,15 @@ def export_artifact(h: Hyperparameters, model: GPT, device, rank: int, world: in
         x, y = calib.next_batch()
         batches = [(x[i:i + h.val_batch_seqs], None) for i in range(0, x.size(0), h.val_batch_seqs)]
         hessians = collect_hessians(model, batches, names, world)
-        log(f"gptq: calibration on {per_rank * world} training sequences, {len(hessians)} Hessians, "
-            f"{time.perf_counter() - t0:.1f}s")
+        calib = time.perf_counter() - t0  # reads training data, so it must end inside the training budget
+        log(f"gptq: calibration on {per_rank * world} training sequences, {len(hessians)} Hessians, {calib:.1f}s; "
+            f"train+calibration {train_time + calib:.1f}s of {h.max_wallclock_seconds:.0f}s")
     t0 = time.perf_counter()
     if rank == 0:  # one writer; the other ranks read the same bytes back after the barrier
-        qstate = quantize_state(model, h, hessians)
+        torch.backends.cuda.matmul.allow_tf32 = False  # full fp32 for GPTQ's error propagation
+        blob = quantize_within_budget(model, h, hessians, model_config(h, model.looping), log)
         with open(h.artifact_path, "wb") as f:
-            f.write(serialize_within_budget(qstate, model_config(h, model.looping), h, log))
+            f.write(blob)
     if world > 1:
         dist.barrier()
     with open(h.artifact_path, "rb") as f:
@@ -1408,8 +1380,6 @@ def model_from_artifact(data: bytes, h: Hyperparameters, device) -> GPT:
 def final_evaluations(h: Hyperparameters, model: GPT, val_tokens, luts, rank, world, log) -> dict:
     """Round-trip, sliding-window and score-first TTT scores of the artifact's weights, each timed."""
     device = luts[0].device
-    for p in model.parameters():
-        p.requires_grad_(False)
     evaluator = torch.compile(model, dynamic=False) if device.type == "cuda" and h.compile else model
     results, eval_start = {}, time.perf_counter()
 
@@ -1452,7 +1422,7 @@ def main():
     sp = spm.SentencePieceProcessor(model_file=h.tokenizer_path)
     luts = build_byte_luts(sp, h.vocab_size, device)
     val_tokens = load_validation_tokens(os.path.join(h.data_path, "fineweb_val_*.bin"), h.train_seq_len,
-                                        h.vocab_size, h.val_max_tokens)
+                                        h.vocab_size, h.val_max_tokens).to(device)
     log(f"val_tokens:{val_tokens.numel() - 1}")
     pre_quant = None
     if h.eval_only:
@@ -1469,9 +1439,7 @@ def main():
         scores = eval_plain(model, val_tokens, h.train_seq_len, h.val_batch_seqs, luts, rank, world)
         pre_quant = scores.val_bpb
         log(f"pre_quant val_loss:{scores.val_loss:.8f} val_bpb:{scores.val_bpb:.8f}")
-        t0 = time.perf_counter()
-        blob = export_artifact(h, model, device, rank, world, log)  # the bytes on disk
-        log(f"train_plus_export_time:{train_time + time.perf_counter() - t0:.1f}s")
+        blob = export_artifact(h, model, device, rank, world, log, train_time)  # the bytes on disk
         load_artifact_into(model, blob)  # every score below comes from the artifact's bytes
     bytes_code = code_bytes()
     log(f"bytes_model:{len(blob)} bytes_code:{bytes_code} bytes_total:{len(blob) + bytes_code} "
@@ -1481,6 +1449,8 @@ def main():
     if pre_quant is not None:
         log(f"quant_gap val_bpb:{results['roundtrip'][1] - pre_quant:+.6f} (pre {pre_quant:.6f} -> "
             f"roundtrip {results['roundtrip'][1]:.6f})")
+    log("final_summary " + " ".join(f"{k}_val_bpb:{v[1]:.8f}" for k, v in
+                                    ([("pre_quant", (None, pre_quant))] if pre_quant is not None else []) + list(results.items())))
     best = "ttt" if "ttt" in results else "sliding" if "sliding" in results else "roundtrip"
     log(f"final val_loss:{results[best][0]:.8f} val_bpb:{results[best][1]:.8f} source:{best}")
     log(f"bytes_model:{len(blob)}")

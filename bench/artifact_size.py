@@ -21,7 +21,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--gptq-seqs", type=int, default=0, help="calibration sequences (0 = plain per-row rounding)")
     ap.add_argument("--calib-seq-len", type=int, default=256)
-    ap.add_argument("--variants", default="mlp6,mlp5", help="comma list of mlpN / attnN / bitpack / lzma tags")
+    ap.add_argument("--variants", default="mlp6,mlp5", help="comma list of variants, each tags joined by +: mlpN, attnN, bitpack, lzma, fit (AUTO_FIT to the budget)")
     args = ap.parse_args()
     base = tg.Hyperparameters.from_env()
     torch.manual_seed(base.seed)
@@ -51,7 +51,9 @@ def main():
             elif tag == "lzma":
                 h.compressor = "lzma"
         t0 = time.time()
-        blob = tg.serialize_artifact(tg.quantize_state(model, h, hessians), tg.model_config(h, False), h)
+        config = tg.model_config(h, False)
+        h.auto_fit = "fit" in variant.split("+")
+        blob = tg.quantize_within_budget(model, h, hessians, config)
         print(json.dumps({"variant": variant, "bytes_model": len(blob), "bytes_code": tg.code_bytes(),
                           "bytes_total": len(blob) + tg.code_bytes(), "gptq": bool(hessians),
                           "seconds": round(time.time() - t0, 1)}), flush=True)

@@ -190,3 +190,23 @@ def test_world_size_must_divide_8(tiny_hparams, monkeypatch):
     monkeypatch.setenv("RANK", "0")
     with pytest.raises(train_gpt.KnobError, match="divide 8"):
         train_gpt.setup_distributed(tiny_hparams)
+
+
+def test_wallclock_schedule_is_smooth_and_identical_across_ranks(sample_data, tmp_path):
+    """Under a wall-clock cap the LR multiplier follows the all-ranks training time every step (not only at
+    validation points), QAT switches on, and both ranks still end with identical weights."""
+    env = _env(sample_data, tmp_path)
+    env.update({"MAX_WALLCLOCK_SECONDS": "6", "ITERATIONS": "100000", "VAL_LOSS_EVERY": "0", "GPTQ": "0",
+                "QAT_START_FRAC": "0.6", "TTT": "0", "SLIDING_EVAL": "0"})
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(SCRIPT)]
+    proc = subprocess.run(cmd, env=env, cwd=str(tmp_path), capture_output=True, text=True, timeout=420)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    log = (tmp_path / "logs" / "test.txt").read_text()
+    lr = [float(v) for v in re.findall(r"^step:\d+/\d+ train_loss:[0-9.]+ lr_mul:([0-9.]+)", log, re.M)]
+    assert len(lr) >= 6
+    assert lr[0] == 1.0 and lr[-1] < 0.5, lr
+    assert len({v for v in lr if v < 1.0}) >= 3, f"LR multiplier moves in coarse steps: {lr}"
+    assert all(b <= a for a, b in zip(lr, lr[1:])), lr
+    assert "qat:on step:" in log
+    hashes = re.search(r"weights_in_sync hashes:\[(\d+), (\d+)\]", log)
+    assert hashes and hashes.group(1) == hashes.group(2)
