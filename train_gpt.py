@@ -760,8 +760,8 @@ def tensor_bits(name: str, h: Hyperparameters) -> int:
 
 def quantize_rows(w: torch.Tensor, bits: int, col_weight: torch.Tensor | None = None, keep=None, step_mult=1.0):
     """Per-row symmetric quantization; each row's clip is the candidate ratio of its max with least
-    (optionally column-weighted) squared error. step_mult > 1 widens the steps (fewer levels used, fewer bytes).
-    Returns int8 codes and fp16 scales."""
+    (optionally column-weighted) squared error. step_mult > 1 then widens the chosen steps (fewer levels in use,
+    fewer bytes). Returns int8 codes and fp16 scales."""
     qmax = 2 ** (bits - 1) - 1
     w = w.float() if keep is None else w.float() * keep
     cw = torch.ones(w.size(1), device=w.device) if col_weight is None else col_weight.float()
@@ -769,11 +769,13 @@ def quantize_rows(w: torch.Tensor, bits: int, col_weight: torch.Tensor | None = 
     best_err = torch.full_like(rowmax, float("inf"))
     best_scale = torch.zeros_like(rowmax)
     for r in CLIP_RATIOS:
-        scale = (rowmax * r * step_mult / qmax).half().float().clamp_min(2.0 ** -24)  # smallest positive fp16
+        scale = (rowmax * r / qmax).half().float().clamp_min(2.0 ** -24)  # smallest positive fp16
         q = torch.clamp(torch.round(w / scale[:, None]), -qmax, qmax)
         err = ((w - q * scale[:, None]).square() * cw).sum(dim=1)
         better = err < best_err
         best_err, best_scale = torch.where(better, err, best_err), torch.where(better, scale, best_scale)
+    if step_mult != 1.0:
+        best_scale = (best_scale * step_mult).half().float()
     q = torch.clamp(torch.round(w / best_scale[:, None]), -qmax, qmax)
     return q.to(torch.int8), best_scale.half()
 
@@ -983,7 +985,7 @@ def quantize_within_budget(model: GPT, h: Hyperparameters, hessians, config: dic
     fast = Hyperparameters(**{**asdict(h), "zstd_level": 3})
     for mult in STEP_MULTS if h.auto_fit else (1.0,):
         qstate = quantize_state(model, h, hessians, mult)
-        if ratio is not None and len(serialize_artifact(qstate, config, fast)) * ratio > limit:
+        if ratio is not None and len(serialize_artifact(qstate, config, fast)) * ratio > 1.02 * limit:
             log(f"auto_fit: steps x{mult}: estimated over the {limit}-byte limit")
             continue
         blob = serialize_artifact(qstate, config, h)

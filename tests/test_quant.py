@@ -383,6 +383,34 @@ def artifact_size(model, h, **overrides):
     return len(tg.serialize_artifact(tg.quantize_state(model, hh), tg.model_config(hh, False), hh))
 
 
+def test_step_mult_widens_the_chosen_steps():
+    w = make_matrix(3)
+    q1, s1 = tg.quantize_rows(w, 6)
+    q2, s2 = tg.quantize_rows(w, 6, step_mult=1.5)
+    assert torch.allclose(s2.float(), (s1.float() * 1.5).half().float())
+    assert q2.abs().float().mean() < q1.abs().float().mean() / 1.3  # fewer levels in use
+
+
+def test_auto_fit_widens_steps_until_the_artifact_fits(tiny_hparams):
+    model = randomized_model(tiny_hparams, seed=4)
+    config = tg.model_config(tiny_hparams, False)
+    full = len(tg.quantize_within_budget(model, tiny_hparams, None, config))
+    limit = int(full * 0.93)  # needs wider steps, but is reachable
+    h = dataclasses.replace(tiny_hparams, max_artifact_bytes=limit + tg.code_bytes())
+    lines = []
+    blob = tg.quantize_within_budget(model, h, None, config, log=lines.append)
+    assert len(blob) <= limit < full
+    assert lines and lines[-1].startswith("auto_fit: quantization steps x")
+    _, qstate = tg.deserialize_artifact(blob)
+    mult = float(lines[-1].split("x")[1].split()[0])
+    ref = tg.quantize_state(model, h, None, mult)
+    assert all(torch.equal(qstate[n]["q"], e["q"]) for n, e in ref.items() if "q" in e)
+    with pytest.raises(tg.ArtifactTooLarge):  # unreachable: fails loudly
+        tg.quantize_within_budget(model, dataclasses.replace(h, max_artifact_bytes=tg.code_bytes() + 1000), None, config)
+    off = dataclasses.replace(h, auto_fit=False)  # no fitting: the oversize blob comes back for check_budget
+    assert len(tg.quantize_within_budget(model, off, None, config)) == full
+
+
 @pytest.mark.parametrize("bitpack", [False, True])
 def test_artifact_shrinks_with_fewer_bits_and_pruning(tiny_hparams, bitpack):
     h = dataclasses.replace(tiny_hparams, passthrough_max_numel=1024, bitpack=bitpack, zstd_level=3,
