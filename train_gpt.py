@@ -11,6 +11,7 @@ import contextlib
 import copy
 import datetime
 import difflib
+import gc
 import glob
 import hashlib
 import json
@@ -1458,7 +1459,9 @@ def main():
     log(f"bytes_model:{len(blob)}")
     log(f"bytes_code:{bytes_code}")
     log(f"bytes_total:{len(blob) + bytes_code}")
-    if world > 1:
+    if world > 1:  # free the DDP wrapper (a reference cycle) while its process group is alive, then leave together
+        gc.collect()
+        dist.barrier()
         dist.destroy_process_group()
 
 
