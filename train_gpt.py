@@ -149,7 +149,7 @@ class Hyperparameters:
     ttt_freeze_blocks: int = 0
     ttt_batch_seqs: int = 32
     ttt_grad_clip: float = 1.0
-    ttt_lr_horizon: int = 0  # tokens over which the TTT lr decays to 0 (cosine); 0 = constant lr
+    ttt_lr_horizon: int = 62_000_000  # tokens over which the TTT lr decays to 0 (cosine; ~ the FineWeb val split)
 
     @classmethod
     def from_env(cls, env=None) -> "Hyperparameters":
