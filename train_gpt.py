@@ -990,12 +990,12 @@ def quantize_within_budget(model: GPT, h: Hyperparameters, hessians, config: dic
             log(f"auto_fit: steps x{mult}: estimated over the {limit}-byte limit")
             continue
         blob = serialize_artifact(qstate, config, h)
-        if ratio is None and h.compressor == "zstd":
-            ratio = len(blob) / len(serialize_artifact(qstate, config, fast))
         if len(blob) <= limit or not h.auto_fit:
             if mult > 1.0:
                 log(f"auto_fit: quantization steps x{mult} -> {len(blob)} bytes (limit {limit})")
             return blob
+        if ratio is None and h.compressor == "zstd":  # only needed once a trial has to be estimated
+            ratio = len(blob) / len(serialize_artifact(qstate, config, fast))
         log(f"auto_fit: steps x{mult}: {len(blob)} bytes, over the {limit}-byte limit")
     raise ArtifactTooLarge(f"artifact stays over {limit} bytes for the model even with steps x{STEP_MULTS[-1]}")
 
@@ -1348,13 +1348,14 @@ def export_artifact(h: Hyperparameters, model: GPT, device, rank: int, world: in
         x, y = calib.next_batch()
         batches = [(x[i:i + h.val_batch_seqs], None) for i in range(0, x.size(0), h.val_batch_seqs)]
         hessians = collect_hessians(model, batches, names, world)
-        calib = time.perf_counter() - t0  # reads training data, so it must end inside the training budget
-        log(f"gptq: calibration on {per_rank * world} training sequences, {len(hessians)} Hessians, {calib:.1f}s; "
-            f"train+calibration {train_time + calib:.1f}s of {h.max_wallclock_seconds:.0f}s")
+        calib_s = time.perf_counter() - t0  # reads training data, so it must end inside the training budget
+        log(f"gptq: calibration on {per_rank * world} training sequences, {len(hessians)} Hessians, {calib_s:.1f}s; "
+            f"train+calibration {train_time + calib_s:.1f}s of {h.max_wallclock_seconds:.0f}s")
     t0 = time.perf_counter()
     if rank == 0:  # one writer; the other ranks read the same bytes back after the barrier
-        torch.backends.cuda.matmul.allow_tf32 = False  # full fp32 for GPTQ's error propagation
+        tf32, torch.backends.cuda.matmul.allow_tf32 = torch.backends.cuda.matmul.allow_tf32, False  # fp32 GPTQ
         blob = quantize_within_budget(model, h, hessians, model_config(h, model.looping), log)
+        torch.backends.cuda.matmul.allow_tf32 = tf32
         with open(h.artifact_path, "wb") as f:
             f.write(blob)
     if world > 1:
