@@ -2,6 +2,7 @@
 
     python data/build_sample.py            # -> data/sample_build/ (git-ignored)
     python data/build_sample.py --force    # rebuild even if up to date
+    python data/build_sample.py --vocab-size 8192 --out /tmp/sample_sp8192   # sp8192-style, ~3 s
 
 Reads data/sample/sample_train.jsonl.zst and sample_val.jsonl.zst (see
 data/sample/SOURCE.md) and the committed tokenizer data/sample/sample_1024_bpe.model
@@ -12,6 +13,11 @@ data/sample/SOURCE.md) and the committed tokenizer data/sample/sample_1024_bpe.m
     data/sample_build/fineweb_val_000000.bin
     data/sample_build/tokenizer.model
     data/sample_build/meta.json
+
+Any other --vocab-size (4096, 8192, ...: exactly that many pieces, byte
+fallback and the challenge settings, see build_shards.py) trains a tokenizer on
+sample_train first, in about a second (its 6.5M characters are enough for any
+size up to 65536).
 
 The build is deterministic (same shard bytes every time) and idempotent: if
 meta.json and all shards it lists exist, were built with the same settings and
@@ -87,7 +93,8 @@ def main() -> None:
     ap.add_argument("--out", default=str(DEFAULT_OUT), help="output dir (default data/sample_build)")
     ap.add_argument("--force", action="store_true", help="rebuild even if the outputs are up to date")
     ap.add_argument("--shard-tokens", type=int, default=1_000_000, help="tokens per shard (default 1M)")
-    ap.add_argument("--vocab-size", type=int, default=1024, help="!= 1024 implies --retrain-tokenizer")
+    ap.add_argument("--vocab-size", type=int, default=1024,
+                    help="tokenizer size (default 1024); any other, e.g. 4096 or 8192, implies --retrain-tokenizer")
     ap.add_argument("--retrain-tokenizer", action="store_true",
                     help="train a tokenizer on the sample instead of using data/sample/sample_1024_bpe.model")
     args = ap.parse_args()

@@ -9,6 +9,10 @@ Usage (run from the repo root):
     # train a fresh 1024-piece BPE tokenizer, separate validation files
     python data/build_shards.py train.jsonl --val-input val.jsonl --out /tmp/shards
 
+    # the larger vocabularies of the later records (sp4096 / sp8192)
+    python data/build_shards.py train.jsonl.zst --val-input val.jsonl.zst --out /tmp/sp8192 \\
+        --vocab-size 8192 --tokenizer-chars 20000000
+
 Inputs, in the order given:
   *.jsonl        one JSON object per line with a string "text" field
   *.jsonl.zst    the same, zstd-compressed (stream-decompressed)
@@ -27,9 +31,29 @@ A trained tokenizer uses the challenge settings (BPE, byte fallback, split
 digits, nmt_nfkc, no dummy prefix, pad/bos/eos/unk = 0/1/2/3,
 character_coverage 0.999) and is trained on at most --tokenizer-docs training
 documents / --tokenizer-chars characters (never on validation documents).
+Any --vocab-size from 261 to 65536 works (1024, 4096 and 8192 are the sizes
+the challenge records used) and the result has exactly that many pieces: 4
+special ids, the 256 byte-fallback pieces <0x00>..<0xFF>, and learned
+characters and merges. If the training text is too small to learn that many
+merges the build stops with an error naming the largest size it allows (give
+more text / a larger --tokenizer-chars); the vocabulary is never silently
+smaller. On 2 CPU cores an 8192-piece tokenizer trains in about 1 s on the 6.5M
+characters of data/sample and in 3-6 s on 20-25M characters of English
+Wikipedia (the challenge's sp4096/sp8192 were trained on 5M FineWeb documents).
+
+meta.json records, per split, the token count, the raw UTF-8 bytes of the
+input text ("text_bytes") and "bpb_bytes": the UTF-8 bytes of the text after
+the tokenizer's normalisation (nmt_nfkc, whitespace runs collapsed, leading
+and trailing whitespace dropped), i.e. what val_bpb divides by; it equals
+len(sp.decode(ids).encode("utf-8")) summed over the documents, with every
+byte-fallback piece counted as 1 byte. (That is exact for byte-fallback
+tokenizers, so for every one trained here. A --tokenizer without byte fallback
+emits <unk> for unknown characters: by the challenge's rule an <unk> counts 0
+bytes and the space of the piece after it is not counted, while decode() shows
+" ⁇ "; data/check_bytes.py reports such documents.)
 
 Importable: iter_documents, train_tokenizer, load_tokenizer, check_tokenizer,
-ShardWriter, build.
+byte_tables, count_bpb_bytes, ShardWriter, build.
 """
 from __future__ import annotations
 
@@ -79,6 +103,10 @@ def _iter_jsonl(path: Path, stream) -> Iterator[str]:
             raise ValueError(f"{path}:{lineno}: invalid JSON ({e})") from None
         if not isinstance(obj, dict) or not isinstance(obj.get("text"), str):
             raise ValueError(f'{path}:{lineno}: expected a JSON object with a string "text" field')
+        try:
+            obj["text"].encode("utf-8")
+        except UnicodeEncodeError as e:  # a lone \udXXX escape: no UTF-8 bytes, SentencePiece cannot take it
+            raise ValueError(f"{path}:{lineno}: text is not valid Unicode ({e.reason} at character {e.start})") from None
         yield obj["text"]
 
 
@@ -162,35 +190,92 @@ def _training_lines(texts: Iterable[str], max_docs: int, max_chars: int) -> Iter
             return
 
 
+MIN_VOCAB = 261     # above the 4 special ids + 256 byte pieces (the text's characters need room too)
+MAX_VOCAB = 65536   # token ids are stored as uint16
+
+
 def train_tokenizer(texts: Iterable[str], model_path, vocab_size: int = 1024,
                     max_docs: int = 200_000, max_chars: int = 20_000_000,
                     threads: int | None = None, verbose: bool = False) -> spm.SentencePieceProcessor:
-    """Train a challenge-style BPE model on (a prefix of) `texts`, write it to `model_path`.
+    """Train a challenge-style BPE model of exactly `vocab_size` pieces on (a prefix of) `texts`,
+    write it to `model_path`.
 
-    Empty texts should be filtered out by the caller. Returns the loaded,
-    checked processor.
+    Empty texts should be filtered out by the caller. Raises ValueError if
+    `vocab_size` is outside [MIN_VOCAB, MAX_VOCAB] or the text is too small to
+    learn that many pieces (the message names the largest size it allows).
+    Returns the loaded, checked processor.
     """
     model_path = Path(model_path)
     if model_path.suffix != ".model":
         raise ValueError(f"tokenizer output must end in .model: {model_path}")
+    if not MIN_VOCAB <= vocab_size <= MAX_VOCAB:
+        raise ValueError(f"vocab size {vocab_size} is outside [{MIN_VOCAB}, {MAX_VOCAB}] "
+                         f"(byte fallback takes 260 ids; ids must fit uint16 shards)")
     model_path.parent.mkdir(parents=True, exist_ok=True)
     lines = _training_lines(texts, max_docs, max_chars)
     first = next(lines, None)
     if first is None:
         raise ValueError("no non-empty text to train the tokenizer on")
     buf = io.BytesIO()  # model_writer: no path inside the model, so the bytes are reproducible
-    spm.SentencePieceTrainer.train(
-        sentence_iterator=itertools.chain([first], lines),
-        model_writer=buf,
-        vocab_size=vocab_size,
-        hard_vocab_limit=False,
-        max_sentence_length=1 << 16,
-        num_threads=threads or os.cpu_count() or 1,
-        minloglevel=0 if verbose else 2,
-        **TRAINER_SETTINGS,
-    )
+    try:
+        spm.SentencePieceTrainer.train(
+            sentence_iterator=itertools.chain([first], lines),
+            model_writer=buf,
+            vocab_size=vocab_size,
+            hard_vocab_limit=True,  # exactly vocab_size pieces, or an error (never a smaller vocabulary)
+            max_sentence_length=1 << 16,
+            num_threads=threads or os.cpu_count() or 1,
+            minloglevel=0 if verbose else 2,
+            **TRAINER_SETTINGS,
+        )
+    except RuntimeError as e:
+        msg = str(e)
+        if "Vocabulary size too high" in msg:
+            allowed = msg.rsplit("<=", 1)[-1].strip(" .")
+            raise ValueError(f"the tokenizer training text is too small for {vocab_size} pieces (at most "
+                             f"{allowed} can be learned from it): give more text or a larger --tokenizer-chars "
+                             f"(now {max_chars:,}) / --tokenizer-docs (now {max_docs:,})") from None
+        raise ValueError(f"SentencePiece could not train a {vocab_size}-piece tokenizer: {msg}") from None
     model_path.write_bytes(buf.getvalue())
-    return load_tokenizer(model_path)
+    sp = load_tokenizer(model_path)
+    if sp.vocab_size() != vocab_size:  # hard_vocab_limit makes this unreachable; keep the promise explicit
+        raise ValueError(f"trained tokenizer has {sp.vocab_size()} pieces, asked for {vocab_size}")
+    return sp
+
+
+def byte_tables(sp: spm.SentencePieceProcessor) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(base, leading_space, boundary) per id, the val_bpb byte rule (TECHNIQUES.md 13.1):
+    bytes(y | x) = base[y] + (leading_space[y] and not boundary[x]).
+
+    Control/unknown/unused ids: 0 bytes and a boundary; byte-fallback pieces <0xNN>:
+    1 byte; any other piece: the UTF-8 length of its text, a leading U+2581 counted
+    as one space byte unless the previous token is a boundary (BOS).
+    """
+    n = sp.vocab_size()
+    base = np.zeros(n, dtype=np.int64)
+    space = np.zeros(n, dtype=np.bool_)
+    boundary = np.zeros(n, dtype=np.bool_)
+    for i in range(n):
+        if sp.is_control(i) or sp.is_unknown(i) or sp.is_unused(i):
+            boundary[i] = True
+        elif sp.is_byte(i):
+            base[i] = 1
+        else:
+            piece = sp.id_to_piece(i)
+            if piece.startswith(SPACE_PIECE):
+                space[i], piece = True, piece[len(SPACE_PIECE):]
+            base[i] = len(piece.encode("utf-8"))
+    return base, space, boundary
+
+
+def count_bpb_bytes(stream: np.ndarray, tables) -> int:
+    """Bytes that val_bpb charges for `stream` (a BOS-started [BOS] + ids + [BOS] + ids ... array)."""
+    base, space, boundary = tables
+    stream = np.asarray(stream, dtype=np.int64)
+    if stream.size == 0:
+        return 0
+    prev, tgt = stream[:-1], stream[1:]
+    return int(base[stream[0]] + base[tgt].sum() + (space[tgt] & ~boundary[prev]).sum())
 
 
 # -------------------------------------------------------------------- shards
@@ -244,6 +329,7 @@ def _encode_into(sp, texts: Iterable[str], writer: ShardWriter, stats: dict,
                  batch_chars: int = 4_000_000, threads: int | None = None) -> None:
     """Encode non-empty `texts` as [BOS] + ids into `writer`, updating `stats` in place."""
     threads = threads or os.cpu_count() or 1
+    tables = byte_tables(sp)
     batch: list[str] = []
     size = 0
 
@@ -252,14 +338,16 @@ def _encode_into(sp, texts: Iterable[str], writer: ShardWriter, stats: dict,
         ids = sp.encode(batch, add_bos=True, num_threads=threads)
         lens = np.fromiter(map(len, ids), dtype=np.int64, count=len(ids))
         flat = np.fromiter(itertools.chain.from_iterable(ids), dtype=np.uint16, count=int(lens.sum()))
-        kept = len(ids)
+        kept, accepted = len(ids), len(flat)
         if writer.limit is not None and writer.total + len(flat) > writer.limit:
             # docs that start before the cut count (the last one may be partial)
             starts = np.cumsum(lens) - lens
-            kept = int(np.searchsorted(starts, writer.limit - writer.total, side="left"))
+            accepted = max(0, writer.limit - writer.total)
+            kept = int(np.searchsorted(starts, accepted, side="left"))
         more = writer.add(flat)
         stats["docs"] += kept
         stats["text_bytes"] += sum(len(t.encode("utf-8")) for t in batch[:kept])
+        stats["bpb_bytes"] += count_bpb_bytes(flat[:accepted], tables)  # every batch starts with a BOS
         batch, size = [], 0
         return more
 
@@ -290,7 +378,7 @@ def _first_nonempty(docs: Iterator[str], n: int) -> Iterator[str]:
 
 
 def _new_stats() -> dict:
-    return {"docs": 0, "empty_docs_skipped": 0, "text_bytes": 0, "truncated": False}
+    return {"docs": 0, "empty_docs_skipped": 0, "text_bytes": 0, "bpb_bytes": 0, "truncated": False}
 
 
 def build(inputs, out, *, val_input=None, val_docs: int | None = None, tokenizer=None,
@@ -373,8 +461,10 @@ def print_summary(meta: dict) -> None:
     for split in ("train", "val"):
         s = meta[split]
         tpb = s["tokens"] / max(1, s["text_bytes"])
+        bpb_bytes = s.get("bpb_bytes", s["text_bytes"])
         print(f"{split:5s}: {s['docs']:,} docs, {s['tokens']:,} tokens, {len(s['shards'])} shard(s), "
-              f"{s['text_bytes']:,} text bytes ({tpb:.3f} tokens/byte), "
+              f"{s['text_bytes']:,} text bytes ({tpb:.3f} tokens/byte), {bpb_bytes:,} normalized bytes "
+              f"({bpb_bytes / max(1, s['tokens']):.3f} bytes/token, BOS included), "
               f"{s['empty_docs_skipped']} empty docs skipped" + (", cut at --max-train-tokens" if s["truncated"] else ""))
     t = meta["seconds"]
     print(f"time: tokenizer {t['tokenizer']}s, encode+write {t['encode']}s, total {t['total']}s")
@@ -389,9 +479,14 @@ def main(argv=None) -> None:
     val.add_argument("--val-docs", type=int, metavar="N",
                      help="use the first N non-empty input documents as validation (never trained on)")
     ap.add_argument("--tokenizer", help="existing SentencePiece .model to use (else one is trained)")
-    ap.add_argument("--vocab-size", type=int, default=1024, help="vocab size when training (default 1024)")
-    ap.add_argument("--tokenizer-docs", type=int, default=200_000, help="max docs to train the tokenizer on")
-    ap.add_argument("--tokenizer-chars", type=int, default=20_000_000, help="max chars to train the tokenizer on")
+    ap.add_argument("--vocab-size", type=int, default=1024,
+                    help="exact number of pieces when training: 1024 (default, sp1024), 4096, 8192, ... "
+                         f"({MIN_VOCAB}..{MAX_VOCAB}); ignored with --tokenizer")
+    ap.add_argument("--tokenizer-docs", type=int, default=200_000,
+                    help="max docs to train the tokenizer on (default 200,000)")
+    ap.add_argument("--tokenizer-chars", type=int, default=20_000_000,
+                    help="max chars to train the tokenizer on (default 20M; a larger vocab needs more text, "
+                         "and training time grows with it)")
     ap.add_argument("--shard-tokens", type=int, default=100_000_000, help="tokens per shard (default 1e8)")
     ap.add_argument("--max-train-tokens", type=int, default=None, help="stop after this many training tokens")
     ap.add_argument("--txt-mode", choices=["paragraph", "file"], default="paragraph",

@@ -1,14 +1,27 @@
 """Download the published Parameter Golf FineWeb export (pre-tokenized shards + tokenizer).
 
     python data/cached_challenge_fineweb.py --variant sp1024 --train-shards 80
-    python data/cached_challenge_fineweb.py --train-shards 1 --dry-run   # list only, no network
+    python data/cached_challenge_fineweb.py --variant sp8192 --train-shards 80
+    python data/cached_challenge_fineweb.py --variant sp8192 --train-shards 1 --dry-run   # list only, no network
 
-Source: the Hugging Face dataset repo willdepueoai/parameter-golf, where the
-export lives under the remote root folder `datasets/`:
+Variants (each from the Hugging Face dataset repo its records used):
 
-    <root>/datasets/fineweb10B_sp1024/fineweb_val_000000.bin
-    <root>/datasets/fineweb10B_sp1024/fineweb_train_000000.bin ... (100M tokens each)
-    <root>/tokenizers/fineweb_1024_bpe.model (+ .vocab)
+    sp1024   willdepueoai/parameter-golf   the challenge's own export and the scored default
+    byte260  willdepueoai/parameter-golf   raw bytes (260 ids), same repo
+    sp4096   kevclark/parameter-golf       4096-piece BPE (the V4K record and later SP4096 ones)
+    sp8192   kevclark/parameter-golf       8192-piece BPE (the SP8K record and the SP8192 ones after it)
+
+Any other --variant is an error that lists these. Every repo keeps its export
+under the remote root folder `datasets/`:
+
+    <root>/datasets/fineweb10B_<variant>/fineweb_val_000000.bin
+    <root>/datasets/fineweb10B_<variant>/fineweb_train_000000.bin ... (100M tokens each)
+    <root>/tokenizers/fineweb_<V>_bpe.model (+ .vocab)   e.g. fineweb_8192_bpe.model
+    <root>/manifest.json
+
+--repo-id / --remote-root (or, as in the records' READMEs, the environment
+variables MATCHED_FINEWEB_REPO_ID / MATCHED_FINEWEB_REMOTE_ROOT_PREFIX) override
+the variant's source.
 
 Shards land in data/datasets/fineweb10B_<variant>/, tokenizer files in
 data/tokenizers/ (both git-ignored). Files already present are kept (after a
@@ -16,7 +29,14 @@ header check). Every shard is checked with shard_io's header/size validation;
 a bad download is deleted and reported. Uses huggingface_hub.hf_hub_download
 when installed, otherwise plain HTTPS from huggingface.co. If the export's
 manifest.json can be fetched, its shard counts are used to validate
---train-shards and to set the number of validation shards.
+--train-shards and to set the number of validation shards (the default repo's
+manifest is cached as data/manifest.json, another repo's as
+data/manifest.<owner>--<name>.json, so the two never mix).
+
+To train on a larger vocabulary, point train_gpt.py at it, e.g. for sp8192:
+
+    VOCAB_SIZE=8192 DATA_PATH=./data/datasets/fineweb10B_sp8192 \\
+        TOKENIZER_PATH=./data/tokenizers/fineweb_8192_bpe.model torchrun ... train_gpt.py
 """
 from __future__ import annotations
 
@@ -33,17 +53,43 @@ try:
 except ImportError:  # run as a script, or with data/ on sys.path
     from shard_io import read_header
 
-REPO_ID = "willdepueoai/parameter-golf"
+REPO_ID = "willdepueoai/parameter-golf"      # the challenge's own export (sp1024, byte260)
+LARGE_VOCAB_REPO_ID = "kevclark/parameter-golf"  # sp4096 / sp8192, as the records' READMEs download them
 REMOTE_ROOT = "datasets"
 DATA_DIR = Path(__file__).resolve().parent
 
+# variant -> (dataset repo, vocabulary size, tokenizer files under <root>/tokenizers/)
+VARIANTS: dict[str, tuple[str, int, tuple[str, ...]]] = {
+    "sp1024": (REPO_ID, 1024, ("fineweb_1024_bpe.model", "fineweb_1024_bpe.vocab")),
+    "byte260": (REPO_ID, 260, ("fineweb_pure_byte_260.json",)),
+    "sp4096": (LARGE_VOCAB_REPO_ID, 4096, ("fineweb_4096_bpe.model", "fineweb_4096_bpe.vocab")),
+    "sp8192": (LARGE_VOCAB_REPO_ID, 8192, ("fineweb_8192_bpe.model", "fineweb_8192_bpe.vocab")),
+}
+
+
+def _variant(variant: str) -> tuple[str, int, tuple[str, ...]]:
+    try:
+        return VARIANTS[variant]
+    except KeyError:
+        raise ValueError(f"unknown variant {variant!r}; known variants: {', '.join(VARIANTS)}") from None
+
 
 def tokenizer_files(variant: str) -> list[str]:
-    if variant.startswith("sp") and variant[2:].isdigit():
-        return [f"fineweb_{variant[2:]}_bpe.model", f"fineweb_{variant[2:]}_bpe.vocab"]
-    if variant == "byte260":
-        return ["fineweb_pure_byte_260.json"]
-    raise ValueError(f"unknown variant {variant!r}; expected sp<VOCAB> (e.g. sp1024) or byte260")
+    return list(_variant(variant)[2])
+
+
+def default_repo(variant: str) -> str:
+    """The Hugging Face dataset repo that publishes `variant`."""
+    return _variant(variant)[0]
+
+
+def vocab_size(variant: str) -> int:
+    return _variant(variant)[1]
+
+
+def manifest_name(repo_id: str) -> str:
+    """Local cache name of a repo's manifest.json (the default repo's keeps the plain name)."""
+    return "manifest.json" if repo_id == REPO_ID else f"manifest.{repo_id.replace('/', '--')}.json"
 
 
 def plan(variant: str, train_shards: int, val_shards: int, root: str, local: Path) -> list[tuple[str, Path]]:
@@ -90,29 +136,42 @@ def verify(path: Path) -> None:
 def read_manifest(repo_id: str, root: str, local: Path, variant: str) -> dict | None:
     """Fetch <root>/manifest.json and return this variant's stats, or None if unavailable."""
     prefix = f"{root.strip('/')}/" if root.strip("/") else ""
-    dest = local / "manifest.json"
+    dest = local / manifest_name(repo_id)
+
+    def entry(manifest: dict) -> dict | None:
+        for e in manifest.get("datasets", []):
+            if e.get("name") == f"fineweb10B_{variant}":
+                return e.get("stats") or {}
+        return None
+
     try:
-        if not dest.is_file():
+        cached = dest.is_file()
+        if not cached:
             fetch(repo_id, f"{prefix}manifest.json", dest)
         manifest = json.loads(dest.read_text())
+        if entry(manifest) is None and cached:  # a stale cached copy: fetch it once more
+            dest.unlink()
+            fetch(repo_id, f"{prefix}manifest.json", dest)
+            manifest = json.loads(dest.read_text())
     except Exception as e:  # the manifest is optional
         print(f"note: no manifest.json ({type(e).__name__}: {e}); using --val-shards", file=sys.stderr)
         return None
-    for entry in manifest.get("datasets", []):
-        if entry.get("name") == f"fineweb10B_{variant}":
-            return entry.get("stats") or {}
-    return None
+    return entry(manifest)
 
 
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--variant", default="sp1024", help="tokenizer family: sp1024 (default), sp4096, byte260, ...")
+    ap.add_argument("--variant", default="sp1024",
+                    help=f"tokenizer family: {', '.join(VARIANTS)} (default sp1024)")
     ap.add_argument("--train-shards", type=int, default=80, help="number of training shards (default 80)")
     ap.add_argument("--val-shards", type=int, default=1,
                     help="validation shards if the manifest cannot be read (default 1)")
-    ap.add_argument("--repo-id", default=REPO_ID, help=f"Hugging Face dataset repo (default {REPO_ID})")
-    ap.add_argument("--remote-root", default=REMOTE_ROOT,
-                    help=f"folder of the export inside the repo (default {REMOTE_ROOT!r}; '' for the repo root)")
+    ap.add_argument("--repo-id", default=os.environ.get("MATCHED_FINEWEB_REPO_ID"),
+                    help=f"Hugging Face dataset repo (default: the variant's, {REPO_ID} for sp1024/byte260, "
+                         f"{LARGE_VOCAB_REPO_ID} for sp4096/sp8192; env MATCHED_FINEWEB_REPO_ID)")
+    ap.add_argument("--remote-root", default=os.environ.get("MATCHED_FINEWEB_REMOTE_ROOT_PREFIX", REMOTE_ROOT),
+                    help=f"folder of the export inside the repo (default {REMOTE_ROOT!r}; '' for the repo root; "
+                         "env MATCHED_FINEWEB_REMOTE_ROOT_PREFIX)")
     ap.add_argument("--local-dir", type=Path, default=DATA_DIR, help="where datasets/ and tokenizers/ go (default data/)")
     ap.add_argument("--dry-run", action="store_true", help="print the files that would be fetched and exit")
     args = ap.parse_args(argv)
@@ -122,6 +181,8 @@ def main(argv=None) -> None:
         tokenizer_files(args.variant)
     except ValueError as e:
         ap.error(str(e))
+    if not args.repo_id:
+        args.repo_id = default_repo(args.variant)
 
     val_shards = args.val_shards
     if not args.dry_run:
@@ -157,6 +218,10 @@ def main(argv=None) -> None:
         except Exception as e:
             sys.exit(f"error: could not download {remote} from {args.repo_id}: {type(e).__name__}: {e}")
     print(f"done: {len(files)} files under {args.local_dir}")
+    if args.variant.startswith("sp") and args.variant != "sp1024":
+        ds = args.local_dir / "datasets" / f"fineweb10B_{args.variant}"
+        print(f"train with: VOCAB_SIZE={vocab_size(args.variant)} DATA_PATH={ds} "
+              f"TOKENIZER_PATH={args.local_dir / 'tokenizers' / tokenizer_files(args.variant)[0]}")
 
 
 if __name__ == "__main__":

@@ -1,0 +1,123 @@
+"""Check the val_bpb byte count of built shards against a direct UTF-8 count.
+
+    python data/check_bytes.py /tmp/sp8192                       # val split, <dir>/tokenizer.model
+    python data/check_bytes.py /tmp/sp8192 --split train --tokenizer tok.model
+    python data/check_bytes.py /tmp/sp8192 --text val.jsonl.zst  # also compare with the raw input text
+
+Reads the shards of one split (all of them, in order), cuts the stream into
+documents at BOS and, for every document, compares three counts:
+
+  direct    len(sp.decode(ids).encode("utf-8")): the bytes of the text after the
+            tokenizer's normalisation (nmt_nfkc, whitespace runs collapsed,
+            leading/trailing whitespace dropped), the reference;
+  builder   build_shards.byte_tables + count_bpb_bytes (numpy, what meta.json's
+            "bpb_bytes" holds);
+  trainer   train_gpt.build_byte_luts + train_gpt.target_bytes (what val_bpb
+            divides by), when train_gpt.py can be imported (needs torch).
+
+Exit status 1 (and the first differing documents are printed) if any count
+differs from the direct one. Only a tokenizer without byte fallback can make
+them differ, through <unk> tokens (0 bytes by the challenge's rule). With --text, the documents of the input file(s)
+are matched one to one with the shard's documents, and the raw UTF-8 bytes and
+the documents whose normalised text differs from the raw text are reported
+(a difference there is expected: val_bpb charges the normalised bytes).
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import numpy as np
+import sentencepiece as spm
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+from build_shards import BOS_ID, byte_tables, count_bpb_bytes, iter_documents  # noqa: E402
+from shard_io import read_shard  # noqa: E402
+
+
+def split_documents(stream: np.ndarray) -> list[np.ndarray]:
+    """The ids of each document (BOS dropped) of a [BOS] + ids + [BOS] + ids ... stream."""
+    starts = np.flatnonzero(stream == BOS_ID)
+    if stream.size and (starts.size == 0 or starts[0] != 0):
+        raise ValueError("the token stream does not start with BOS")
+    ends = np.append(starts[1:], stream.size)
+    return [stream[s + 1:e] for s, e in zip(starts, ends)]
+
+
+def trainer_counts(sp, stream: np.ndarray, docs: list[np.ndarray]) -> list[int] | None:
+    """Per-document bytes from train_gpt's own byte tables, or None if train_gpt cannot be imported."""
+    sys.path.insert(0, str(HERE.parent))
+    try:
+        import torch
+        import train_gpt
+    except ImportError as e:
+        print(f"note: train_gpt not importable ({e}); checking the builder's tables only", file=sys.stderr)
+        return None
+    luts = train_gpt.build_byte_luts(sp, sp.vocab_size())
+    t = torch.from_numpy(stream.astype(np.int64))
+    nbytes = train_gpt.target_bytes(t[:-1], t[1:], luts).numpy()
+    out, pos = [], 0  # nbytes[i] is the count for target stream[i + 1]
+    for ids in docs:
+        out.append(int(nbytes[pos:pos + len(ids)].sum()))
+        pos += len(ids) + 1
+    return out
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("shards", type=Path, help="directory with fineweb_<split>_*.bin (as build_shards.py writes)")
+    ap.add_argument("--split", default="val", choices=["val", "train"])
+    ap.add_argument("--tokenizer", type=Path, help="SentencePiece model (default <shards>/tokenizer.model)")
+    ap.add_argument("--text", nargs="+", type=Path, help="the input file(s) the split was built from")
+    args = ap.parse_args(argv)
+
+    files = sorted(args.shards.glob(f"fineweb_{args.split}_*.bin"))
+    if not files:
+        sys.exit(f"check_bytes: no fineweb_{args.split}_*.bin in {args.shards}")
+    sp = spm.SentencePieceProcessor(model_file=str(args.tokenizer or args.shards / "tokenizer.model"))
+    stream = np.concatenate([read_shard(f).astype(np.int64) for f in files])
+    if stream.size and int(stream.max()) >= sp.vocab_size():
+        sys.exit(f"check_bytes: token id {int(stream.max())} >= vocab size {sp.vocab_size()}")
+    docs = split_documents(stream)
+    decoded = [sp.decode(ids.tolist()) for ids in docs]
+    direct = [len(d.encode("utf-8")) for d in decoded]
+    tables = byte_tables(sp)
+    builder = [count_bpb_bytes(np.concatenate(([BOS_ID], ids)), tables) for ids in docs]
+    trainer = trainer_counts(sp, stream, docs)
+    n_byte = int(np.isin(stream, [i for i in range(sp.vocab_size()) if sp.is_byte(i)]).sum())
+    n_unk = int((stream == sp.unk_id()).sum())
+
+    print(f"{args.shards} {args.split}: {len(files)} shard(s), {len(docs):,} docs, {stream.size:,} tokens "
+          f"(BOS included), vocab {sp.vocab_size()}, {n_byte:,} byte-fallback tokens, {n_unk:,} <unk> tokens")
+    if n_unk:
+        print("  note: <unk> (a tokenizer without byte fallback) counts 0 bytes by the challenge's rule, and the "
+              "space of the piece after it is dropped; decode() shows ' \u2047 ' there, so such documents differ")
+    print(f"  direct  (decoded, normalised) bytes: {sum(direct):,}  "
+          f"({sum(direct) / max(1, stream.size):.4f} bytes/token, "
+          f"{sum(direct) / max(1, stream.size - len(docs)):.4f} without BOS)")
+    bad = 0
+    for name, counts in (("builder", builder), ("trainer", trainer)):
+        if counts is None:
+            continue
+        diff = [k for k in range(len(docs)) if counts[k] != direct[k]]
+        print(f"  {name} tables: {sum(counts):,} bytes, {len(diff)} document(s) differ")
+        for k in diff[:5]:
+            print(f"    doc {k}: {name} {counts[k]} vs direct {direct[k]}: {decoded[k][:80]!r}")
+        bad += len(diff)
+    if args.text:
+        raw = [t for t in iter_documents(args.text) if t.strip()]
+        if len(raw) < len(docs):
+            sys.exit(f"check_bytes: {len(raw)} non-empty input documents but {len(docs)} in the shards")
+        raw = raw[:len(docs)]
+        raw_bytes = sum(len(t.encode("utf-8")) for t in raw)
+        changed = sum(r != d for r, d in zip(raw, decoded))
+        print(f"  raw input bytes: {raw_bytes:,} ({raw_bytes - sum(direct):+,} vs normalised); "
+              f"normalisation changed {changed} of {len(docs)} documents")
+    print("OK: every count matches the direct one" if not bad else f"MISMATCH in {bad} count(s)")
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
