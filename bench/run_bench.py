@@ -102,14 +102,52 @@ def _kv(line: str) -> dict:
     return {k: v for k, v in _KV.findall(line)}
 
 
+def _seconds(text):
+    """'144.5s' -> 144.5, '1500ms' -> 1.5 (a train_time value in seconds); None when not a number."""
+    if text is None:
+        return None
+    value = _num(text)
+    if value is None:
+        return None
+    return value / 1000.0 if text.strip().endswith("ms") else float(value)
+
+
+# New-format lines (see bench/README.md, "Log lines the record tools read"):
+#   provenance code_sha256:<hex> torch:<ver> cuda:<ver|none> gpu:<device name|none> gpus:<N> world:<N>
+#   data train_shards:N val_shards:N val_tokens:N val_max_tokens:N
+#   clock_train: training 588.9s + calibration 3.2s = 592.1s limit:600s
+#   clock_eval: total 114.5s limit:600s world:1 est_8gpu:14.3s (estimate)
+_GPU_NAME = re.compile(r"(?:^|\s)gpu:(.*?)(?=\s+[A-Za-z_]\w*:|\s*$)")
+_CLOCK_TRAIN = re.compile(r"clock_train:\s*training\s+([\d.]+)s\s*\+\s*calibration\s+([\d.]+)s\s*=\s*([\d.]+)s")
+_CLOCK_EVAL = re.compile(r"clock_eval:\s*total\s+([\d.]+)s")
+
+
 def parse_log(text: str) -> dict:
     """Raw facts from a train_gpt.py log (or its stdout); keys are absent when the line is."""
-    out: dict = {"evals": {}, "val_curve": []}
+    out: dict = {"evals": {}, "val_curve": [], "val_points": [], "train_points": []}
     for raw in text.splitlines():
         line = raw.strip()
         if not line:
             continue
-        if line.startswith("run_id:"):
+        if line.startswith("provenance "):
+            kv = _kv(line)
+            m = _GPU_NAME.search(line)
+            gpu = m.group(1).strip() if m else None
+            out["provenance"] = {"code_sha256": kv.get("code_sha256"), "torch": kv.get("torch"),
+                                 "cuda": None if kv.get("cuda") in (None, "none") else kv.get("cuda"),
+                                 "gpu": None if gpu in (None, "", "none") else gpu,
+                                 "gpus": _num(kv.get("gpus")), "world": _num(kv.get("world"))}
+        elif line.startswith("data ") and ("val_tokens:" in line or "train_shards:" in line):
+            out["data"] = {k: _num(v) for k, v in _kv(line).items()}
+        elif m := _CLOCK_TRAIN.match(line):
+            kv = _kv(line)
+            out["clock_train"] = {"training": float(m.group(1)), "calibration": float(m.group(2)),
+                                  "total": float(m.group(3)), "limit": _num(kv.get("limit"))}
+        elif m := _CLOCK_EVAL.match(line):
+            kv = _kv(line)
+            out["clock_eval"] = {"total": float(m.group(1)), "limit": _num(kv.get("limit")),
+                                 "world": _num(kv.get("world")), "est_8gpu": _num(kv.get("est_8gpu"))}
+        elif line.startswith("run_id:"):
             head, _, gpu = line.partition(" gpu:")
             kv = _kv(head)
             out["run_id"] = kv.get("run_id")
@@ -130,8 +168,12 @@ def parse_log(text: str) -> dict:
         elif m := re.match(r"step:(\d+) val_loss:", line):
             kv = _kv(line)
             out["val_curve"].append([int(m.group(1)), _num(kv.get("val_bpb"))])
+            out["val_points"].append({"step": int(m.group(1)), "val_loss": _num(kv.get("val_loss")),
+                                      "val_bpb": _num(kv.get("val_bpb")), "train_time": _seconds(kv.get("train_time"))})
         elif m := re.match(r"step:(\d+)/(\d+) train_loss:", line):
             kv = _kv(line)
+            out["train_points"].append({"step": int(m.group(1)), "train_loss": _num(kv.get("train_loss")),
+                                        "train_time": _seconds(kv.get("train_time"))})
             out["last_train_step"] = int(m.group(1))
             out["last_train_loss"] = _num(kv.get("train_loss"))
             out["last_step_avg_ms"] = _num(kv.get("step_avg"))
@@ -157,6 +199,7 @@ def parse_log(text: str) -> dict:
                                         "eval_seconds": _num(kv.get("eval_time"))}
         elif line.startswith("final val_loss:"):
             kv = _kv(line)
+            out["final_loss"] = _num(kv.get("val_loss"))
             out["final_bpb"] = _num(kv.get("val_bpb"))
             out["final_source"] = kv.get("source")
         elif line.startswith("eval_total_time:"):
@@ -177,6 +220,13 @@ def parse_log(text: str) -> dict:
             m = re.search(r"(\d+) bytes in ([\d.]+)s", line)
             if m:
                 out["export_seconds"] = float(m.group(2))
+    prov = out.get("provenance") or {}
+    if out.get("gpu") is None and prov.get("gpu"):  # the provenance line stands in for a missing run_id line
+        out["gpu"] = prov["gpu"]
+    if out.get("world") is None and prov.get("world") is not None:
+        out["world"] = prov["world"]
+    if out.get("val_tokens") is None and (out.get("data") or {}).get("val_tokens") is not None:
+        out["val_tokens"] = out["data"]["val_tokens"]
     return out
 
 
@@ -312,6 +362,15 @@ def summarize(parsed: dict, peak_override: float | None = None) -> dict:
         "eval_seconds_each": {k: v.get("eval_seconds") for k, v in evals.items()},
         "auto_fit": parsed.get("auto_fit"),
         "val_curve": parsed.get("val_curve", []),
+        # new-format lines (provenance / data / clock_train / clock_eval); None when the log lacks them
+        "final_loss": parsed.get("final_loss"), "seed": hp.get("seed"),
+        "code_sha256": (parsed.get("provenance") or {}).get("code_sha256"),
+        "val_tokens": parsed.get("val_tokens"),
+        "val_max_tokens": (parsed.get("data") or {}).get("val_max_tokens", hp.get("val_max_tokens")),
+        "train_clock_seconds": (parsed.get("clock_train") or {}).get("total"),
+        "calibration_seconds": (parsed.get("clock_train") or {}).get("calibration"),
+        "eval_clock_seconds": (parsed.get("clock_eval") or {}).get("total"),
+        "est_8gpu_eval_seconds": (parsed.get("clock_eval") or {}).get("est_8gpu"),
     }
 
 

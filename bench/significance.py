@@ -44,6 +44,39 @@ def t_two_sided_p(t: float, df: float) -> float:
     return regularized_beta(df / 2.0, 0.5, df / (df + t * t))
 
 
+def t_one_sided_p(t: float, df: float) -> float:
+    """P(T >= t) for Student's t with df degrees of freedom (the upper tail: H1 says the mean is larger)."""
+    if math.isnan(t):
+        return float("nan")
+    half = 0.5 * t_two_sided_p(t, df) if math.isfinite(t) else 0.0
+    return half if t >= 0 else 1.0 - half
+
+
+def mean_std(values: list[float]) -> tuple[float, float]:
+    """(mean, sample standard deviation with n-1); std is nan for fewer than 2 values."""
+    n = len(values)
+    mean = sum(values) / n
+    std = math.sqrt(sum((x - mean) ** 2 for x in values) / (n - 1)) if n > 1 else float("nan")
+    return mean, std
+
+
+def one_sample_greater(values: list[float], mu0: float = 0.0) -> tuple[float, float, float]:
+    """(t, df, one-sided p) of the one-sample t-test of H0: mean <= mu0 against H1: mean > mu0 (df = n-1).
+
+    Needs at least 2 values. With zero spread t is +-inf (p 0 or 1) when the mean differs from mu0, else 0 (p 1).
+    """
+    if len(values) < 2:
+        raise ValueError("a one-sample t-test needs at least 2 values")
+    mean, std = mean_std(values)
+    df = float(len(values) - 1)
+    if std == 0.0:
+        if mean > mu0:
+            return math.inf, df, 0.0
+        return (-math.inf if mean < mu0 else 0.0), df, 1.0
+    t = (mean - mu0) / (std / math.sqrt(len(values)))
+    return t, df, t_one_sided_p(t, df)
+
+
 def welch(a: list[float], b: list[float]) -> tuple[float, float, float]:
     """(t, df, two-sided p) of Welch's test for mean(a) != mean(b); needs at least 2 values in each."""
     ma, mb = sum(a) / len(a), sum(b) / len(b)
