@@ -20,7 +20,8 @@ Examples:
         --config full= --config no_bigram=BIGRAM_BUCKETS=0 --baseline full
     python bench/run_bench.py --table-only --out-jsonl bench/out/results.jsonl --baseline full
 
-Only the standard library is imported at module level (torch only to count GPUs when --nproc is not given).
+Only the standard library is imported at module level (torch only to count GPUs when --nproc is not given,
+sentencepiece only to read the tokenizer's vocabulary size for --ablations).
 """
 from __future__ import annotations
 
@@ -41,7 +42,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_SCRIPT = os.path.join(ROOT, "train_gpt.py")
 BUILD_SHARDS = os.path.join(ROOT, "data", "build_shards.py")
 
-# One-knob-off ablations of the seed stack (name -> knobs). "full" is the stack as shipped.
+# Ablations of the seed stack (name -> knobs), each one change away from "full", the stack as shipped: the
+# "no_*" rows switch one of its parts off, the rest switch on one technique of the records (TECHNIQUES.md) that the
+# seed stack leaves off. "frontier" is the whole PRESET=frontier stack; it needs sp8192 shards (ABLATION_VOCAB).
 ABLATIONS: list[tuple[str, dict[str, str]]] = [
     ("full", {}),
     ("no_smear", {"SMEAR_GATE": "0"}),
@@ -58,9 +61,27 @@ ABLATIONS: list[tuple[str, dict[str, str]]] = [
     ("no_gptq", {"GPTQ": "0"}),
     ("mlp_int6", {"QUANT_MLP_BITS": "6"}),
     ("parallel_resid", {"PARALLEL_RESID_FROM": "7"}),
+    ("two_lane", {"PARALLEL_RESID_FROM": "7", "PARALLEL_LANES": "2"}),
     ("loops", {"NUM_LOOPS": "1", "LOOP_START": "4", "LOOP_END": "5"}),
+    ("doc_mask", {"ATTN_DOC_MASK": "1"}),
+    ("attn_gate", {"ATTN_GATE": "1"}),
+    ("skip_gates", {"SKIP_GATES": "1"}),
+    ("muon_eq_r", {"MUON_EQ_R": "1"}),
+    ("polar_ns", {"MUON_NS_COEFFS": "polar"}),
+    ("gptq_embed", {"GPTQ_EMBED": "1"}),
+    ("lqer", {"LQER_RANK": "4"}),
+    ("quant_small_int8", {"QUANT_SMALL_BITS": "8"}),
+    ("fit_temperature", {"FIT_TEMPERATURE": "1"}),
     ("no_ttt", {"TTT": "0"}),
+    ("ttt_lora", {"TTT_MODE": "lora"}),
+    ("ttt_phased", {"TTT_MODE": "phased"}),
+    ("frontier", {"PRESET": "frontier"}),
 ]
+
+# Ablations that only run on shards of another vocabulary (VOCAB_SIZE they set, through their preset). With
+# --ablations they are skipped, with a message, unless the data's tokenizer has that many pieces or --knob sets
+# VOCAB_SIZE.
+ABLATION_VOCAB = {"frontier": 8192}
 
 MANAGED_VARS = ("DATA_PATH", "TOKENIZER_PATH", "RUN_ID", "LOG_DIR", "ARTIFACT_PATH")
 
@@ -227,6 +248,8 @@ def parse_log(text: str) -> dict:
         out["world"] = prov["world"]
     if out.get("val_tokens") is None and (out.get("data") or {}).get("val_tokens") is not None:
         out["val_tokens"] = out["data"]["val_tokens"]
+    if out.get("eval_seconds") is None and out.get("clock_eval"):  # current logs: clock_eval, no eval_total_time
+        out["eval_seconds"] = out["clock_eval"]["total"]
     return out
 
 
@@ -240,20 +263,29 @@ def parse_log(text: str) -> dict:
 #
 #   d = MODEL_DIM, V = VOCAB_SIZE, T = TRAIN_SEQ_LEN, hd = d / NUM_HEADS, kv = NUM_KV_HEADS * hd,
 #   m = round(MLP_MULT * d)
-#   P_layer  = d*d (q) + 2*d*kv (k, v) + d*d (attn out) + 2*d*m (MLP in, out): the block's matmul weights
+#   P_layer  = d*d (q) + 2*d*kv (k, v) + d*d (attn out) + 2*d*m (MLP in, out): the block's matmul weights,
+#              + NUM_HEADS*GATE_DIMS with ATTN_GATE (the per-head gate reads the first GATE_DIMS input dims)
 #   P_bigram = BIGRAM_DIM * d (the BigramHash projection; its table is a lookup, no FLOPs), 0 without bigram
 #   V*d      = the tied LM head (the input embedding is a lookup)
 #   L_v      = virtual layers run per token: NUM_LAYERS, plus NUM_LOOPS*(LOOP_END-LOOP_START+1) once looping is on
 #   6*L_v*T*d: causal attention, QK^T and AV, 2*2*d FLOPs per (query, key) pair forward, x3 for fwd+bwd,
-#              over T/2 keys on average = 12*L_v*d*T/2.
+#              over T/2 keys on average = 12*L_v*d*T/2. With ATTN_DOC_MASK, flex_attention skips the blocks
+#              across documents, so this over-counts: the MFU of such a run is an upper estimate of the useful work.
 #
 # Looping switches on mid-run ("looping:on step:S"); steps before S use the plain L_v, steps after the looped one,
 # so the per-token average is (S*F_plain + (steps-S)*F_looped) / steps. Element-wise work (norms, RoPE, softmax,
-# QAT fake-quant), the optimizer (Newton-Schulz) and warmup/validation are not counted.
+# gates and lane mixing, QAT fake-quant), the optimizer (Newton-Schulz) and warmup/validation are not counted.
 #
 #   MFU = flops/token * tokens_per_s / (world * peak)        peak = dense bf16 FLOP/s of one GPU (PEAK_FLOPS)
 #
 # tokens_per_s is the log's global figure (all ranks), so dividing by world gives per-GPU utilisation.
+
+GATE_DIMS = 12  # train_gpt.GATE_DIMS: input dims the attention gate reads (kept here: no train_gpt import)
+
+
+def _flag(hp: dict, key: str, default=False) -> bool:
+    value = hp.get(key, default)
+    return value if isinstance(value, bool) else str(value).strip().lower() in ("1", "true", "yes", "on")
 
 
 def _layer_geometry(hp: dict) -> dict:
@@ -265,13 +297,14 @@ def _layer_geometry(hp: dict) -> dict:
     looped_extra = loops * (int(hp["loop_end"]) - int(hp["loop_start"]) + 1) if loops else 0
     return {"d": d, "heads": heads, "kv": kv, "m": m, "V": int(hp["vocab_size"]), "T": int(hp["train_seq_len"]),
             "L": int(hp["num_layers"]), "L_looped": int(hp["num_layers"]) + looped_extra,
-            "bigram": int(hp["bigram_dim"]) * d if int(hp.get("bigram_buckets", 0) or 0) else 0}
+            "bigram": int(hp["bigram_dim"]) * d if int(hp.get("bigram_buckets", 0) or 0) else 0,
+            "gate": heads * GATE_DIMS if _flag(hp, "attn_gate") else 0}
 
 
 def matmul_params(hp: dict, looping: bool = False) -> int:
     """Matmul weights one token passes through: L_v * P_layer + P_bigram + V*d (LM head)."""
     g = _layer_geometry(hp)
-    p_layer = 2 * g["d"] * g["d"] + 2 * g["d"] * g["kv"] + 2 * g["d"] * g["m"]
+    p_layer = 2 * g["d"] * g["d"] + 2 * g["d"] * g["kv"] + 2 * g["d"] * g["m"] + g["gate"]
     layers = g["L_looped"] if looping else g["L"]
     return layers * p_layer + g["bigram"] + g["V"] * g["d"]
 
@@ -283,17 +316,27 @@ def flops_per_token(hp: dict, looping: bool = False) -> int:
 
 
 def expected_param_count(hp: dict) -> int:
-    """Total trainable parameters GPT(hp) should report in its `params:` line (to check the FLOP model)."""
+    """Total trainable parameters GPT(hp) should report in its `params:` line (to check the FLOP model).
+
+    Per block: the matmul weights, q_gain (NUM_HEADS), the ATTN_GATE weights (NUM_HEADS x GATE_DIMS),
+    attn_scale + mlp_scale + resid_mix (4d) and, in a two-lane block (PARALLEL_LANES=2, index >=
+    PARALLEL_RESID_FROM >= 0), lane_write (2x2) + lane_keep (2). Then the tied embedding, BigramHash (table,
+    projection, scale), SmearGate (d) and, with UNET_SKIPS, one skip weight row per skip (half the virtual layers of
+    the looped schedule, rounded down) plus as many SKIP_GATES rows."""
     g = _layer_geometry(hp)
-    d = g["d"]
-    block = 2 * d * d + 2 * d * g["kv"] + 2 * d * g["m"] + g["heads"] + 4 * d  # + q_gain, attn/mlp scale, resid_mix
-    total = g["V"] * d + g["L"] * block
+    d, L = g["d"], g["L"]
+    block = 2 * d * d + 2 * d * g["kv"] + 2 * d * g["m"] + g["heads"] + g["gate"] + 4 * d
+    total = g["V"] * d + L * block
+    parallel_from = int(hp.get("parallel_resid_from", -1))
+    if int(hp.get("parallel_lanes", 1) or 1) == 2 and parallel_from >= 0:
+        total += 6 * max(0, L - parallel_from)
     if int(hp.get("bigram_buckets", 0) or 0):
         total += int(hp["bigram_buckets"]) * int(hp["bigram_dim"]) + g["bigram"] + 1
-    if hp.get("smear_gate"):
+    if _flag(hp, "smear_gate"):
         total += d
-    longest = g["L_looped"]
-    total += (longest - longest // 2) * d  # U-Net skip weights (allocated for the looped schedule)
+    if _flag(hp, "unet_skips", True):
+        n_skips = g["L_looped"] // 2  # allocated for the looped schedule, the longest
+        total += n_skips * d * (2 if _flag(hp, "skip_gates") else 1)
     return total
 
 
@@ -492,6 +535,30 @@ def prepare_data(args) -> tuple[str, str]:
     return data, tok
 
 
+def tokenizer_vocab(path: str) -> int | None:
+    """Pieces of a SentencePiece model, or None when it cannot be read (sentencepiece only imported here)."""
+    try:
+        import sentencepiece as spm  # noqa: PLC0415
+        return spm.SentencePieceProcessor(model_file=path).vocab_size()
+    except Exception:  # noqa: BLE001
+        return None
+
+
+def runnable_ablations(configs, tok_path: str, common: dict, explicit: set) -> list:
+    """The configs minus the built-in ablations of ABLATION_VOCAB whose vocabulary the data's tokenizer lacks
+    (each skipped one is named). A --config of the same name, a VOCAB_SIZE knob or an unreadable tokenizer keeps it."""
+    vocab, keep = tokenizer_vocab(tok_path), []
+    for name, knobs in configs:
+        need = ABLATION_VOCAB.get(name)
+        if need and vocab is not None and vocab != need and name not in explicit \
+                and "VOCAB_SIZE" not in common and "VOCAB_SIZE" not in knobs:
+            print(f"[bench] skipping {name}: it needs sp{need} shards and tokenizer (VOCAB_SIZE={need}); "
+                  f"{tok_path} has {vocab} pieces", flush=True)
+            continue
+        keep.append((name, knobs))
+    return keep
+
+
 # ----------------------------------------------------------------------------------------------
 # Hardware
 # ----------------------------------------------------------------------------------------------
@@ -638,7 +705,8 @@ def main(argv=None) -> int:
     runs.add_argument("--config", action="append", default=[], metavar="NAME=K1=V1,K2=V2",
                       help="a named run with extra knobs (repeatable; 'full=' = no extra knobs)")
     runs.add_argument("--ablations", action="store_true",
-                      help="add the built-in one-knob-off ablations: " + ", ".join(n for n, _ in ABLATIONS))
+                      help="add the built-in one-change ablations of the seed stack (frontier: sp8192 data only): "
+                      + ", ".join(n for n, _ in ABLATIONS))
     runs.add_argument("--only", metavar="N1,N2", help="keep only these config names")
     runs.add_argument("--knob", action="append", default=[], metavar="K=V", help="knob for every run (repeatable)")
     runs.add_argument("--seconds", type=float, help="MAX_WALLCLOCK_SECONDS for every run")
@@ -713,6 +781,10 @@ def main(argv=None) -> int:
         ap.error(f"--nproc {nproc} must divide 8 (train_gpt.py keeps 8-GPU gradient accumulation)")
 
     data_path, tok_path = prepare_data(args)
+    if args.ablations:
+        configs = runnable_ablations(configs, tok_path, common, {parse_config(c)[0] for c in args.config})
+        if not configs:
+            ap.error("no config left to run: the ones asked for need another vocabulary (see the messages above)")
     stamp = time.strftime("%Y%m%d_%H%M%S")
     out_dir = os.path.abspath(args.out_dir or os.path.join(ROOT, "bench", "out", "runs", stamp))
     cmd = launch_command(os.path.abspath(args.script), nproc)

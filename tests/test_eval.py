@@ -1,5 +1,5 @@
-"""Evaluation: sliding-window tiling, eval_sliding against a brute-force reference, the rank split, the
-legality of score-first TTT, and the Scores arithmetic."""
+"""Evaluation: sliding-window tiling, eval_sliding against a brute-force reference, the rank split (of scoring and of
+TTT's SGD steps), the legality of score-first TTT, and the Scores arithmetic."""
 from __future__ import annotations
 
 import copy
@@ -15,8 +15,7 @@ import train_gpt as tg
 from conftest import TINY_KNOBS
 
 N_TARGETS = 1990  # not a multiple of the stride, the window or the TTT chunk: the tail window is padded
-
-
+RT = tg.Runtime(torch.device("cpu"))
 
 
 @pytest.fixture(scope="module")
@@ -43,9 +42,6 @@ def random_gpt(h, seed=0) -> tg.GPT:
         model.tok_emb.weight.normal_(0.0, 0.3)
         if model.bigram is not None:
             model.bigram.table.weight.normal_(0.0, 0.5)
-    model.eval()
-    for p in model.parameters():
-        p.requires_grad_(False)
     return model
 
 
@@ -108,11 +104,16 @@ def test_sliding_windows_examples():
 # ----------------------------------------------------------------------------------------------
 
 
-def test_eval_sliding_matches_brute_force(ev_setup, model):
+@pytest.mark.parametrize("plain", [False, True], ids=["sliding", "plain"])
+def test_eval_sliding_matches_brute_force(ev_setup, model, plain):
+    """eval_sliding (and eval_plain: stride = seq_len) against running the model on each window alone."""
     h, _, luts, val = ev_setup
     tokens = val[:N_TARGETS + 1]
-    seq_len, stride = h.eval_seq_len, h.eval_stride
-    got = tg.eval_sliding(model, tokens, seq_len, stride, 16, luts)
+    seq_len, stride = h.eval_seq_len, (h.eval_seq_len if plain else h.eval_stride)
+    if plain:
+        got = tg.eval_plain(model, tokens, seq_len, 16, luts, RT)
+    else:
+        got = tg.eval_sliding(model, tokens, seq_len, stride, 16, luts, RT)
     nll_sum, count, nbytes = 0.0, 0, 0
     for start, lo, hi in tg.sliding_windows(N_TARGETS, seq_len, stride):
         nll, x, y = window_nll(model, tokens, start, lo, hi)
@@ -125,21 +126,9 @@ def test_eval_sliding_matches_brute_force(ev_setup, model):
     ref_loss, ref_bpb = nll_sum / count, nll_sum / (math.log(2) * nbytes)
     assert got.val_loss == pytest.approx(ref_loss, rel=1e-6)
     assert got.val_bpb == pytest.approx(ref_bpb, rel=1e-6)
-    # the model really uses context: scoring without the overlap (stride == seq_len) gives another number
-    plain_like = tg.eval_sliding(model, tokens, seq_len, seq_len, 16, luts)
-    assert abs(plain_like.val_loss - got.val_loss) > 1e-4
-
-
-def test_stride_equal_seq_len_is_eval_plain(ev_setup, model):
-    h, _, luts, val = ev_setup
-    seq_len = h.eval_seq_len
-    n = (N_TARGETS // seq_len) * seq_len
-    tokens = val[:n + 1]
-    plain = tg.eval_plain(model, tokens, seq_len, 8, luts)
-    sliding = tg.eval_sliding(model, tokens, seq_len, seq_len, 8, luts)
-    assert torch.equal(plain.sums[1:], sliding.sums[1:]) and int(plain.sums[1]) == n
-    assert torch.allclose(plain.sums, sliding.sums, rtol=1e-12, atol=0)
-    assert plain.val_bpb == pytest.approx(sliding.val_bpb, rel=1e-12)
+    if not plain:  # the model really uses context: scoring without the overlap gives another number
+        plain_like = tg.eval_plain(model, tokens, seq_len, 16, luts, RT)
+        assert abs(plain_like.val_loss - got.val_loss) > 1e-4
 
 
 @pytest.mark.parametrize("n_targets", [N_TARGETS, 40])
@@ -153,7 +142,7 @@ def test_tail_padding_does_not_change_scores(ev_setup, model, n_targets):
     # batch the short windows together with full ones, so they really are right-padded in a batch
     batch = windows[-3:] if len(windows) >= 3 else windows
     padded = tg.Scores(luts[0].device)
-    tg.score_windows(model, tokens, batch, seq_len, 16, luts, padded)
+    tg.score_windows(model, tokens, batch, seq_len, 16, luts, RT, padded)
     ref = tg.Scores(luts[0].device)
     for start, lo, hi in batch:
         nll, x, y = window_nll(model, tokens, start, lo, hi)
@@ -187,6 +176,10 @@ def test_rank_slice_partitions():
             assert max(sizes) - min(sizes) <= 1
 
 
+def rank_rt(rank: int, world: int) -> tg.Runtime:
+    return tg.Runtime(torch.device("cpu"), rank=rank, world=world)
+
+
 @pytest.fixture
 def no_allreduce(monkeypatch):
     calls = []
@@ -201,12 +194,12 @@ def no_allreduce(monkeypatch):
 @pytest.mark.parametrize("batch_seqs", [1, 16])
 def test_rank_split_sums_equal_single_process(ev_setup, model, no_allreduce, batch_seqs):
     h, _, luts, val = ev_setup
-    tokens = val[:N_TARGETS + 1]
-    one = tg.eval_sliding(model, tokens, h.eval_seq_len, h.eval_stride, batch_seqs, luts)
-    one_plain = tg.eval_plain(model, tokens, h.train_seq_len, batch_seqs, luts)
+    tokens = val[:(N_TARGETS if batch_seqs > 1 else 601) + 1]  # one window per forward: a shorter stream
+    one = tg.eval_sliding(model, tokens, h.eval_seq_len, h.eval_stride, batch_seqs, luts, RT)
+    one_plain = tg.eval_plain(model, tokens, h.train_seq_len, batch_seqs, luts, RT)
     assert not no_allreduce
     for world in (2, 3, 5):
-        parts = [tg.eval_sliding(model, tokens, h.eval_seq_len, h.eval_stride, batch_seqs, luts, r, world)
+        parts = [tg.eval_sliding(model, tokens, h.eval_seq_len, h.eval_stride, batch_seqs, luts, rank_rt(r, world))
                  for r in range(world)]
         assert len(no_allreduce) == world  # reduce() is asked for when world > 1
         no_allreduce.clear()
@@ -216,7 +209,7 @@ def test_rank_split_sums_equal_single_process(ev_setup, model, no_allreduce, bat
             assert total[0].item() == pytest.approx(one.sums[0].item(), rel=1e-13)
         else:
             assert total[0].item() == pytest.approx(one.sums[0].item(), rel=1e-6)
-        plain_parts = [tg.eval_plain(model, tokens, h.train_seq_len, batch_seqs, luts, r, world).sums
+        plain_parts = [tg.eval_plain(model, tokens, h.train_seq_len, batch_seqs, luts, rank_rt(r, world)).sums
                        for r in range(world)]
         no_allreduce.clear()
         total = torch.stack(plain_parts).sum(0)
@@ -229,19 +222,20 @@ def test_rank_split_sums_equal_single_process(ev_setup, model, no_allreduce, bat
 # ----------------------------------------------------------------------------------------------
 
 TTT_N = 1200  # 5 chunks of 256 targets, the last one short
+# The legality of the data flow (score before train, each target once, finality) for every mode is in
+# test_ttt_dataflow.py; here: what TTT computes.
 
 
 @pytest.fixture(scope="module")
 def ttt_setup(ev_setup):
     h, _, luts, val = ev_setup
     h = dataclasses.replace(h, ttt_chunk_tokens=256, eval_seq_len=64, eval_stride=16, ttt_epochs=1, ttt_lr=0.05,
-                            ttt_batch_seqs=2, val_batch_seqs=16, ttt_freeze_blocks=0)
+                            ttt_batch_seqs=2, val_batch_seqs=16)
     base = random_gpt(h, seed=3)
     tokens = val[:TTT_N + 1].clone()
-    events = []
     m = copy.deepcopy(base)
-    total, per_chunk = tg.eval_ttt(m, tokens, h, luts, events=events)
-    return h, luts, base, tokens, total, per_chunk, events, m
+    total, per_chunk = tg.eval_ttt(m, tokens, h, luts, RT)
+    return h, luts, base, tokens, total, per_chunk, m
 
 
 def no_ttt_chunk_sums(h, luts, model, tokens):
@@ -251,105 +245,200 @@ def no_ttt_chunk_sums(h, luts, model, tokens):
     for c in range((n + h.ttt_chunk_tokens - 1) // h.ttt_chunk_tokens):
         s = tg.Scores(luts[0].device)
         mine = [w for w in windows if w[1] // h.ttt_chunk_tokens == c]
-        tg.score_windows(model, tokens, mine, h.eval_seq_len, h.val_batch_seqs, luts, s)
+        tg.score_windows(model, tokens, mine, h.eval_seq_len, h.val_batch_seqs, luts, RT, s)
         out.append(s.sums)
     return out
 
 
-def test_ttt_scores_every_target_once(ttt_setup):
-    h, luts, base, tokens, total, per_chunk, events, _ = ttt_setup
-    chunk = h.ttt_chunk_tokens
-    assert len(per_chunk) == math.ceil(TTT_N / chunk) == 5
-    counts = [int(s[1]) for s in per_chunk]
-    assert counts == [min(chunk, TTT_N - c * chunk) for c in range(5)]
-    assert sum(counts) == TTT_N == int(total.sums[1])
-    assert torch.equal(total.sums, torch.stack(per_chunk).sum(0))
-    # the bytes are those of the scored targets, whatever the weights
-    ref = tg.eval_sliding(base, tokens, h.eval_seq_len, h.eval_stride, 16, luts)
-    assert int(total.sums[2]) == int(ref.sums[2])
-
-
-def test_ttt_scores_before_training(ttt_setup):
-    h, _, _, _, _, per_chunk, events, _ = ttt_setup
-    n_chunks = len(per_chunk)
-    last_score = {}
-    trained = []
-    for i, ev in enumerate(events):
-        kind, c = ev[0], ev[1]
-        if kind == "score":
-            assert c not in last_score and c == len(last_score)  # chunks scored once, in order
-            last_score[c] = ev[2]
-        else:
-            assert kind == "train"
-            assert c in last_score, "chunk trained on before it was scored"
-            assert ev[2] <= last_score[c], "training reaches targets not yet scored"
-            assert ev[2] == min((c + 1) * h.ttt_chunk_tokens, TTT_N)
-            assert events[i - 1] == ("score", c, last_score[c])  # trains right after its own scoring
-            trained.append(c)
-    assert sorted(last_score) == list(range(n_chunks))
-    assert trained == list(range(n_chunks - 1))  # every chunk but the last one is trained on
-    assert max(last_score.values()) == TTT_N
-
-
 def test_ttt_first_chunk_is_untouched_model_and_later_chunks_adapt(ttt_setup):
-    h, luts, base, tokens, total, per_chunk, _, adapted = ttt_setup
+    h, luts, base, tokens, total, per_chunk, adapted = ttt_setup
     ref = no_ttt_chunk_sums(h, luts, base, tokens)
+    assert len(per_chunk) == 5 and torch.equal(total.sums, torch.stack(per_chunk).sum(0))
     assert torch.equal(per_chunk[0], ref[0])  # nothing was trained before chunk 0 was scored
     for c in range(1, len(per_chunk)):
         assert torch.equal(per_chunk[c][1:], ref[c][1:])
         assert abs(per_chunk[c][0].item() - ref[c][0].item()) > 1e-3, f"chunk {c}: TTT changed nothing"
     changed = [not torch.equal(p, q) for p, q in zip(adapted.parameters(), base.parameters())]
     assert all(changed[:1]) and sum(changed) >= len(changed) // 2
-    assert all(not p.requires_grad for p in adapted.parameters()) and not adapted.training
-
-
-def test_ttt_future_tokens_do_not_leak(ttt_setup):
-    """Replacing every token after chunk k's end leaves chunks 0..k bit-identical: nothing is scored with
-    weights trained on (or windows reading) tokens after it."""
-    h, luts, base, tokens, _, per_chunk, _, _ = ttt_setup
-    k = 2
-    end = (k + 1) * h.ttt_chunk_tokens  # last target of chunk k predicts tokens[end]
-    other = tokens.clone()
-    g = torch.Generator().manual_seed(11)
-    other[end + 1:] = torch.randint(0, h.vocab_size, (other.numel() - end - 1,), generator=g)
-    _, per_chunk2 = tg.eval_ttt(copy.deepcopy(base), other, h, luts)
-    for c in range(k + 1):
-        assert torch.equal(per_chunk2[c], per_chunk[c]), c
-    assert not torch.equal(per_chunk2[k + 1], per_chunk[k + 1])
-
-
-def test_ttt_truncated_stream_prefix(ttt_setup):
-    """Truncating the stream after chunk k's end: chunks 0..k score exactly as on the full stream."""
-    h, luts, base, tokens, _, per_chunk, _, _ = ttt_setup
-    k = 2
-    end = (k + 1) * h.ttt_chunk_tokens
-    _, short = tg.eval_ttt(copy.deepcopy(base), tokens[:end + 1], h, luts)
-    assert len(short) == k + 1
-    for c in range(k + 1):
-        assert torch.equal(short[c], per_chunk[c]), f"chunk {c} depends on the length of the stream after it"
 
 
 def test_ttt_truncated_stream_prefix_with_lr_decay(ttt_setup):
-    """Same with the cosine TTT lr decay on: its horizon is a fixed token count, not the stream's length."""
+    """Truncating the stream after chunk k's end leaves chunks 0..k bit-identical, with the cosine TTT lr
+    decay on: its horizon is a fixed token count, not the stream's length."""
     h, luts, base, tokens, *_ = ttt_setup
     h = dataclasses.replace(h, ttt_lr_horizon=3 * h.ttt_chunk_tokens)
     k, end = 2, 3 * h.ttt_chunk_tokens
-    _, full = tg.eval_ttt(copy.deepcopy(base), tokens, h, luts)
-    _, short = tg.eval_ttt(copy.deepcopy(base), tokens[:end + 1], h, luts)
+    _, full = tg.eval_ttt(copy.deepcopy(base), tokens, h, luts, RT)
+    _, short = tg.eval_ttt(copy.deepcopy(base), tokens[:end + 1], h, luts, RT)
     assert len(short) == k + 1 and len(full) > k + 1
     for c in range(k + 1):
         assert torch.equal(short[c], full[c]), f"chunk {c} depends on the length of the stream after it"
+    _, no_decay = tg.eval_ttt(copy.deepcopy(base), tokens, dataclasses.replace(h, ttt_lr_horizon=10 ** 9), luts, RT)
+    assert not torch.equal(no_decay[k], full[k])  # the decay really acts within these chunks
 
 
-def test_ttt_without_epochs_is_sliding(ev_setup, ttt_setup):
+def test_ttt_without_epochs_is_sliding(ttt_setup):
     h, luts, base, tokens, *_ = ttt_setup
     h0 = dataclasses.replace(h, ttt_epochs=0)
     m = copy.deepcopy(base)
-    total, _ = tg.eval_ttt(m, tokens, h0, luts)
-    ref = tg.eval_sliding(base, tokens, h.eval_seq_len, h.eval_stride, h.val_batch_seqs, luts)
+    total, _ = tg.eval_ttt(m, tokens, h0, luts, RT)
+    ref = tg.eval_sliding(base, tokens, h.eval_seq_len, h.eval_stride, h.val_batch_seqs, luts, RT)
     assert torch.equal(total.sums[1:], ref.sums[1:])
     assert total.val_loss == pytest.approx(ref.val_loss, rel=1e-6)
     assert all(torch.equal(p, q) for p, q in zip(m.parameters(), base.parameters()))
+
+
+class RowBigram(torch.nn.Module):
+    """Stands in for the model in sgd_train: next-token logits from the current token alone (so every row's
+    gradient is its own); records the input rows of each step."""
+
+    def __init__(self, vocab: int):
+        super().__init__()
+        self.table = torch.nn.Parameter(torch.randn(vocab, vocab, generator=torch.Generator().manual_seed(0)))
+        self.rows = []
+
+    def forward(self, x, y, reduction="none"):
+        self.rows.append(x.clone())
+        logits = self.table[x].reshape(-1, self.table.size(1))
+        return torch.nn.functional.cross_entropy(logits, y.reshape(-1), reduction="none").view_as(y)
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_sgd_train_splits_each_global_step_over_the_ranks(ev_setup, no_allreduce, monkeypatch, world):
+    """TTT_BATCH_SEQS is the global number of rows per SGD step on any world size: the targets are cut into rows of
+    EVAL_SEQ_LEN in order, rank r takes rows r, r+world, ... of each step, padded to ceil(TTT_BATCH_SEQS / world)
+    rows (padding reads token 0), and each rank's loss is over the step's global token count, so the ranks'
+    gradients sum to the 1-process gradient of every step."""
+    h = dataclasses.replace(ev_setup[0], eval_seq_len=8, ttt_batch_seqs=5, ttt_epochs=1)
+    n = 8 * 8 + 3  # 8 full rows and a partial one: a step of 5 rows, then one of 4 (the last one partial)
+    tokens = torch.arange(1, n + 2)  # distinct ids >= 1: target t's input token is t + 1
+    grads = []
+    monkeypatch.setattr(tg.torch.nn.utils, "clip_grad_norm_",
+                        lambda params, max_norm: grads.append(params[0].grad.clone()))
+
+    def run(rank, w):
+        model, grads[:] = RowBigram(n + 2), []
+        params = list(model.parameters())
+        tg.sgd_train(model, tokens, torch.arange(n), params, torch.optim.SGD(params, lr=0.0), h,
+                     tg.Runtime(torch.device("cpu"), rank=rank, world=w))
+        return model.rows, list(grads)
+
+    rows1, grads1 = run(0, 1)
+    assert len(rows1) == len(grads1) == 2 and all(r.shape == (5, 8) for r in rows1)
+    assert torch.equal(rows1[0], torch.arange(1, 41).view(5, 8))  # rows in order
+    last = rows1[1].flatten()
+    assert torch.equal(last[:n - 40], torch.arange(41, n + 1)) and (last[n - 40:] == 0).all()
+    parts = [run(r, world) for r in range(world)]
+    assert len(no_allreduce) == 2 * world  # one gradient all-reduce per step and rank
+    for step in range(2):
+        for r, (rows, _) in enumerate(parts):
+            mine = rows1[step][r::world]
+            assert rows[step].shape == (-(-5 // world), 8), (step, r)
+            assert torch.equal(rows[step][:len(mine)], mine) and (rows[step][len(mine):] == 0).all(), (step, r)
+        total = sum(g[step] for _, g in parts)
+        assert torch.allclose(total, grads1[step], rtol=1e-5, atol=1e-7), step
+        assert all(g[step].abs().sum() > 0 for _, g in parts)  # every rank has real rows in both steps
+
+
+# ----------------------------------------------------------------------------------------------
+# 4b. document-wise LoRA TTT
+# ----------------------------------------------------------------------------------------------
+
+LORA_DOCS = [100, 7, 41, 150, 12, 24, 36]  # targets per document; two longer than EVAL_SEQ_LEN=32
+
+
+def test_documents_partition_the_targets():
+    t = torch.tensor([5, 6, tg.BOS_ID, 7, tg.BOS_ID, tg.BOS_ID, 8, 9, tg.BOS_ID])
+    assert tg.documents(t) == [(0, 2), (2, 4), (4, 5), (5, 8)]  # a trailing BOS is the last doc's last target
+    t2 = torch.tensor([tg.BOS_ID, 3, 4, tg.BOS_ID, 5])
+    assert tg.documents(t2) == [(0, 3), (3, 4)]
+
+
+def test_lora_window_is_the_shortest_power_of_two_fraction():
+    assert [tg.lora_window(n, 64) for n in (1, 4, 5, 8, 9, 16, 17, 32, 33, 64)] == [4, 4, 8, 8, 16, 16, 32, 32, 64, 64]
+    assert tg.lora_window(3, 48) == 3 and tg.lora_window(7, 48) == 12 and tg.lora_window(48, 48) == 48
+
+
+@pytest.fixture(scope="module")
+def lora_setup(ev_setup):
+    """Documents of distinct token ids (BOS aside), so each scored (input, target) pair names its target."""
+    h, _, luts, _ = ev_setup
+    h = dataclasses.replace(h, ttt_mode="lora", eval_seq_len=32, ttt_lora_chunk=12, ttt_lora_docs=3,
+                            ttt_lora_rank=4, ttt_lora_lr=0.01)
+    ids = (torch.randperm(h.vocab_size - 2, generator=torch.Generator().manual_seed(2)) + 2).tolist()
+    stream = []
+    for i, n in enumerate(LORA_DOCS):
+        stream += [tg.BOS_ID] + [ids.pop() for _ in range(n if i == len(LORA_DOCS) - 1 else n - 1)]
+    tokens = torch.tensor(stream)
+    docs = tg.documents(tokens)
+    assert [e - s for s, e in docs] == LORA_DOCS
+    return h, luts, random_gpt(h, seed=5), tokens, docs
+
+
+def lora_reference(model, tokens, docs, h):
+    """Per target: the base model's NLL with the context the LoRA evaluator gives it (its own document, at
+    most EVAL_SEQ_LEN tokens, up to the end of its chunk), each window run alone."""
+    nll = torch.zeros(tokens.numel() - 1, dtype=torch.float64)
+    for s, e in docs:
+        for lo in range(s, e, h.ttt_lora_chunk):
+            hi = min(lo + h.ttt_lora_chunk, e)
+            start = max(s, hi - h.eval_seq_len)
+            with torch.no_grad():
+                out = model(tokens[start:hi][None], tokens[start + 1:hi + 1][None], reduction="none")[0]
+            nll[lo:hi] = out[lo - start:].double()
+    return nll
+
+
+def record_scores(monkeypatch, tokens):
+    """Patch Scores.add to scatter each scored NLL to its target index (found from the unique pair)."""
+    out = torch.full((tokens.numel() - 1,), float("nan"), dtype=torch.float64)
+    index = {(int(a), int(b)): t for t, (a, b) in enumerate(zip(tokens[:-1], tokens[1:]))}
+    assert len(index) == tokens.numel() - 1
+    orig = tg.Scores.add
+
+    def add(self, nll, prev, tgt, luts, mask=None):
+        for (b, j) in mask.nonzero().tolist():
+            t = index[(int(prev[b, j]), int(tgt[b, j]))]
+            assert torch.isnan(out[t]), f"target {t} scored twice"
+            out[t] = float(nll[b, j])
+        return orig(self, nll, prev, tgt, luts, mask)
+    monkeypatch.setattr(tg.Scores, "add", add)
+    return out
+
+
+def test_eval_lora_without_updates_is_the_document_windowed_base_model(monkeypatch, lora_setup):
+    h, luts, model, tokens, docs = lora_setup
+    h0 = dataclasses.replace(h, ttt_lora_lr=0.0)  # AdamW with lr 0: the adapters stay at B = 0
+    ref = tg.eval_sliding(model, tokens, h.eval_seq_len, h.eval_stride, h.val_batch_seqs, luts, RT)
+    nll = record_scores(monkeypatch, tokens)
+    torch.manual_seed(0)
+    scores, phases = tg.eval_lora(copy.deepcopy(model), tokens, h0, luts, RT)
+    assert phases == 0
+    assert torch.equal(scores.sums[1:], ref.sums[1:])  # every target once, same bytes
+    expect = lora_reference(model, tokens, docs, h)
+    torch.testing.assert_close(nll, expect, rtol=1e-5, atol=1e-5)
+    assert scores.sums[0].item() == pytest.approx(float(expect.sum()), rel=1e-6)
+
+
+def test_eval_lora_updates_change_only_later_chunks(monkeypatch, lora_setup):
+    """With updates on: each document's first chunk scores as without updates (its adapters start at 0);
+    its later chunks differ; the base weights are untouched (lora mode trains only the adapters)."""
+    h, luts, model, tokens, docs = lora_setup
+    runs = {}
+    for lr in (0.0, h.ttt_lora_lr):
+        with monkeypatch.context() as mp:
+            runs[lr] = record_scores(mp, tokens)
+            m = copy.deepcopy(model)
+            torch.manual_seed(0)
+            tg.eval_lora(m, tokens, dataclasses.replace(h, ttt_lora_lr=lr), luts, RT)
+        assert all(torch.equal(p, q) for p, q in zip(m.parameters(), model.parameters()))
+        assert all(p.requires_grad for p in m.parameters())  # unfrozen again afterwards
+    frozen, adapted = runs[0.0], runs[h.ttt_lora_lr]
+    first = torch.zeros_like(frozen, dtype=torch.bool)
+    for s, e in docs:
+        first[s:min(s + h.ttt_lora_chunk, e)] = True
+    torch.testing.assert_close(adapted[first], frozen[first], rtol=1e-6, atol=1e-6)
+    assert float((adapted[~first] - frozen[~first]).abs().max()) > 1e-3
 
 
 # ----------------------------------------------------------------------------------------------
