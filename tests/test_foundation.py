@@ -166,7 +166,7 @@ def test_removed_knob_quant_clip_names_the_removal(raw):
 
 
 def test_removed_knob_prune_frac_names_the_removal():
-    """PRUNE_FRAC (magnitude pruning, no gain at equal bytes) is refused with the reason, not silently ignored."""
+    """PRUNE_FRAC (magnitude pruning, < 0.0005 bpb at equal bytes) is refused with the reason, not ignored."""
     with pytest.raises(train_gpt.KnobError, match="knob PRUNE_FRAC was removed: magnitude pruning"):
         train_gpt.Hyperparameters.from_env({"PRUNE_FRAC": "0.03"})
     assert "prune_frac" not in {f.name for f in dataclasses.fields(train_gpt.Hyperparameters)}
