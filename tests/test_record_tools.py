@@ -541,3 +541,22 @@ def test_plot_logs_without_matplotlib(tmp_path, monkeypatch, capsys):
     log.write_text(fake_log())
     assert pl.main([str(log), "--out", str(tmp_path / "c.png")]) == 3
     assert "matplotlib is not installed" in capsys.readouterr().err
+
+
+def test_this_project_folder_passes_check_record(tmp_path):
+    """CI checks the project's own folder as a record folder: train.log was made by this train_gpt.py (code hash,
+    bytes), submission.json matches it, and every check that needs an 8xH100 log says so instead of passing. (The
+    record files are copied, so a final_model.ptz left by a local smoke run does not enter the check.)"""
+    import shutil
+    import subprocess
+    for name in ("README.md", "submission.json", "train_gpt.py", "train.log"):
+        shutil.copy(ROOT / name, tmp_path / name)
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "check_record.py"), str(tmp_path)],
+                          capture_output=True, text=True, timeout=300)
+    out = proc.stdout
+    assert proc.returncode == 0 and not any(line.startswith("FAIL") for line in out.splitlines()), out + proc.stderr
+    for check in ("code_sha256", "bytes_code", "bytes_total", "finished", "submission"):
+        assert any(line.startswith("PASS") and line.split()[1] == check for line in out.splitlines()), (check, out)
+    notes = [line for line in out.splitlines() if line.startswith("NOTE")]
+    for check in ("hardware", "train_time", "eval_time"):
+        assert any(line.split()[1] == check and "not an 8xH100 run" in line for line in notes), (check, out)
