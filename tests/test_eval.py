@@ -30,9 +30,9 @@ def ev_setup(sample_data):
     return h, sp, luts, val
 
 
-def random_gpt(h, seed=0) -> tg.GPT:
+def random_gpt(h, seed=0, bigram_std=0.5) -> tg.GPT:
     """A tiny GPT whose every block does something (the zero-initialised projections are redrawn), so that
-    context really changes the predictions."""
+    context really changes the predictions. tests/test_ttt_dataflow.py uses it too."""
     torch.manual_seed(seed)
     model = tg.GPT(h)
     with torch.no_grad():
@@ -41,7 +41,7 @@ def random_gpt(h, seed=0) -> tg.GPT:
                 m.weight.normal_(0.0, 1.0 / math.sqrt(m.in_features))
         model.tok_emb.weight.normal_(0.0, 0.3)
         if model.bigram is not None:
-            model.bigram.table.weight.normal_(0.0, 0.5)
+            model.bigram.table.weight.normal_(0.0, bigram_std)
     return model
 
 

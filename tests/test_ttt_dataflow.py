@@ -20,6 +20,7 @@ import pytest
 import torch
 
 import train_gpt as tg
+from test_eval import random_gpt as shared_random_gpt
 
 BOS = tg.BOS_ID
 VOCAB = 512
@@ -72,15 +73,7 @@ def make_luts(seed: int = 0):
 
 def random_gpt(h, seed: int = 0) -> tg.GPT:
     """Every block does something (zero-init projections redrawn), so context and training move the scores."""
-    torch.manual_seed(seed)
-    model = tg.GPT(h)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, tg.CastedLinear):
-                m.weight.normal_(0.0, 1.0 / math.sqrt(m.in_features))
-        model.tok_emb.weight.normal_(0.0, 0.3)
-        model.bigram.table.weight.normal_(0.0, 0.3)
-    return model
+    return shared_random_gpt(h, seed, bigram_std=0.3)
 
 
 class Recorder:
