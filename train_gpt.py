@@ -46,6 +46,7 @@ class Hyperparameters:
     device: str = "auto"
     compile: str = "auto"  # auto: compiled on CUDA, eager on CPU; 1 or 0 forces either on both
     compile_backend: str = "inductor"
+    sdpa_backends: str = "flash,efficient,math"  # SDPA kernels allowed on CUDA (cudnn: never in the records)
     autocast: str = "auto"  # auto: bf16 on CUDA, fp32 on CPU
     val_max_tokens: int = 0  # 0 = the whole validation split
     train_seq_len: int = 2048
@@ -75,6 +76,7 @@ class Hyperparameters:
     ln_scale: bool = True
     xsa_last_n: int = 4
     smear_gate: bool = True
+    smear_form: str = "seed"  # seed: per-dim lerp after the norm; record: x_t + lam*sigmoid(w.x_t[:12])*x_{t-1}, raw
     bigram_buckets: int = 10_240  # 0 = no BigramHash
     bigram_dim: int = 128
     ortho_init: bool = True
@@ -150,6 +152,7 @@ class Hyperparameters:
     ttt_lora_wd: float = 0.5
     ttt_lora_chunk: int = 48  # targets scored (then trained on) per step of a document
     ttt_lora_docs: int = 64  # documents per batch; each has its own adapters, reset every batch
+    ttt_lora_warm_a: bool = False  # keep the trained A across batches (B reset); redrawn after each global phase
     ttt_phases: int = 3  # phased: global SGD passes, at evenly spaced counts of fully scored documents
     ttt_phase_docs: int = 2500  # phased: documents scored when the last global pass runs
 
@@ -175,7 +178,8 @@ class Hyperparameters:
     def validate(self):
         choices = {"mlp_act": ("relu2", "leaky_relu2"), "averaging": ("ema", "swa", "none"), "quant_small_bits": (0, 8),
                    "device": ("auto", "cuda", "cpu"), "compile": ("auto", "1", "0"), "autocast": ("auto", "bf16", "fp32"),
-                   "muon_ns_coeffs": tuple(NS_COEFFS), "ttt_mode": ("chunked", "lora", "phased"), "parallel_lanes": (1, 2)}
+                   "muon_ns_coeffs": tuple(NS_COEFFS), "ttt_mode": ("chunked", "lora", "phased"), "parallel_lanes": (1, 2),
+                   "smear_form": ("seed", "record")}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise KnobError(f"{name.upper()}={getattr(self, name)!r} is not one of {allowed}")
@@ -191,6 +195,8 @@ class Hyperparameters:
              "MODEL_DIM must split into NUM_HEADS even-sized heads, NUM_HEADS into NUM_KV_HEADS groups"),
             (self.rope_dims % 2 or not 0 <= self.rope_dims <= head_dim, f"ROPE_DIMS must be even, 0..head dim {head_dim}"),
             (self.eval_stride > self.eval_seq_len, "EVAL_STRIDE must not exceed EVAL_SEQ_LEN"),
+            (not set(self.sdpa_backends.split(",")) <= set(SDPA_BACKENDS),
+             f"SDPA_BACKENDS={self.sdpa_backends!r}: a comma list from {tuple(SDPA_BACKENDS)}"),
             (not all(2 <= b <= 8 for b in (self.quant_attn_bits, self.quant_mlp_bits, self.quant_embed_bits,
                                            self.quant_bigram_bits)), "QUANT_{ATTN,MLP,EMBED,BIGRAM}_BITS must be in 2..8"),
             (self.bigram_buckets == 1 or self.bigram_buckets < 0, "BIGRAM_BUCKETS must be 0 (off) or at least 2"),
@@ -228,6 +234,7 @@ def _parse_knob(key: str, raw: str, default):
 
 CHALLENGE_MAX_BYTES = 16_000_000
 GATE_DIMS = 12
+SDPA_BACKENDS = {"flash": "flash_sdp", "efficient": "mem_efficient_sdp", "math": "math_sdp", "cudnn": "cudnn_sdp"}
 
 # Named starting points. "seed" is the design card's stack (the defaults). "naive_baseline" is the challenge's
 # baseline script. "frontier" is the 2026-04-27 top record's architecture, optimizer, export and TTT as far as this
@@ -247,10 +254,10 @@ PRESETS: dict[str, dict[str, object]] = {
         BIGRAM_BUCKETS=0, NUM_LOOPS=2, LOOP_START=3, LOOP_END=5, LOOP_ENABLE_FRAC=0.35, PARALLEL_RESID_FROM=8,
         PARALLEL_LANES=2, SKIP_GATES=1, ATTN_GATE=1, ATTN_GATE_SCALE=0.5, ATTN_DOC_MASK=1, MUON_EQ_R=1,
         MUON_NS_COEFFS="polar", MATRIX_LR=0.026, SCALAR_LR=0.02, EMBED_LR=0.03, MUON_MOMENTUM=0.97, MUON_WD=0.095,
-        MUON_WD_TAPER_FROM=0.7, EMBED_WD=0.085, ADAM_WD=0.02, BETA2=0.99, WARMDOWN_FRAC=0.85, MIN_LR_FRAC=0.1,
+        SMEAR_FORM="record", EMBED_WD=0.085, ADAM_WD=0.02, BETA2=0.99, WARMDOWN_FRAC=0.85, MIN_LR_FRAC=0.1,
         EMA_DECAY=0.9965, QAT=0, QUANT_MLP_BITS=6, QUANT_EMBED_BITS=7, SDCLIP_ATTN_K=13, SDCLIP_MLP_K=11.5,
         SDCLIP_EMBED_K=14, QUANT_SMALL_BITS=8, GPTQ_EMBED=1, GPTQ_CALIB_SEQS=16, GPTQ_RESERVE_SECONDS=8, LQER_RANK=4,
-        TTT_MODE="phased", TTT_LR=0.001, TTT_EPOCHS=1),
+        TTT_MODE="phased", TTT_LR=0.001, TTT_EPOCHS=1, TTT_LORA_WARM_A=1),
     "short": dict(
         MATRIX_LR=0.04, SCALAR_LR=0.04, EMBED_LR=0.05, MUON_MOMENTUM=0.95, MUON_MOMENTUM_WARMUP_START=0.85,
         MUON_MOMENTUM_WARMUP_STEPS=100, EMA_DECAY=0.99),
@@ -391,15 +398,14 @@ class CastedLinear(nn.Linear):
     """fp32 weight in the activation dtype; QAT (a buffer switch, no recompile) with a straight-through gradient."""
     def __init__(self, in_features, out_features, qat_bits=0, zero_init=False):
         super().__init__(in_features, out_features, bias=False)
-        self.qat_bits, self.zero_init, self.lora = qat_bits, zero_init, None
+        self.qat_bits, self.zero_init = qat_bits, zero_init
         self.register_buffer("qat_on", torch.zeros(()), persistent=False)
 
     def forward(self, x):
         w = self.weight
         if self.qat_bits:
             w = w + self.qat_on * (fake_quantize_rows(w, self.qat_bits) - w).detach()
-        y = F.linear(x, w.to(x.dtype))
-        return y if self.lora is None else y + lora_delta(x, self.lora)
+        return F.linear(x, w.to(x.dtype))
 
 def rms_norm(x: torch.Tensor) -> torch.Tensor:
     return F.rms_norm(x, (x.size(-1),))
@@ -416,10 +422,13 @@ def apply_rope(x: torch.Tensor, cos, sin, dims: int) -> torch.Tensor:
     x1, x2, rest = x[..., :half], x[..., half:dims], x[..., dims:]
     return torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos, rest), dim=-1)
 
+FLEX = {"ok": True}  # set False (and logged) when compiled flex attention fails its probe on CUDA
+
 def document_mask(ids: torch.Tensor):
-    """Causal within documents (a BOS starts one): a flex block mask, or a dense one for CPU training (no flex bwd)."""
+    """Causal within documents (a BOS starts one): a flex block mask, or a dense one for CPU training (no flex
+    backward there) and wherever flex failed its probe."""
     doc, (B, T) = torch.cumsum((ids == BOS_ID).to(torch.int32), dim=1), ids.shape
-    if ids.is_cuda or not torch.is_grad_enabled():
+    if FLEX["ok"] and (ids.is_cuda or not torch.is_grad_enabled()):
         return create_block_mask(lambda b, h, q, k: (q >= k) & (doc[b, q] == doc[b, k]), B, None, T, T,
                                  device=ids.device)
     causal = torch.ones(T, T, dtype=torch.bool, device=ids.device).tril()
@@ -428,9 +437,25 @@ def document_mask(ids: torch.Tensor):
 def attend(q, k, v, mask) -> torch.Tensor:
     """q (B, H, T, D), k and v (B, Hkv, T, D); causal, within documents when `mask` comes from document_mask."""
     gqa = q.size(1) != k.size(1)
-    if mask is None or isinstance(mask, torch.Tensor):
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=gqa)
+    if mask is None:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+    if isinstance(mask, torch.Tensor):  # heads expanded: the memory-efficient kernel takes a mask but not GQA
+        k, v = (t.repeat_interleave(q.size(1) // k.size(1), dim=1) for t in (k, v))
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
     return flex_attention(q, k, v, block_mask=mask, enable_gqa=gqa)
+
+def probe_flex(rt: Runtime, length: int, head_dim: int) -> str:
+    """Compiled flex attention with a document mask, forward and backward at the shortest compiled length; on a
+    failure every later mask is dense (SDPA), so the run goes on, slower."""
+    try:
+        ids = torch.randint(0, 4, (2, length), device=rt.device)
+        q = torch.randn(2, 2, length, head_dim, device=rt.device, dtype=rt.amp_dtype or torch.float32,
+                        requires_grad=True)
+        rt.compile(lambda q, ids: flex_attention(q, q, q, block_mask=document_mask(ids)).float().sum())(q, ids).backward()
+        return f"flex: ok (compiled forward and backward at length {length})"
+    except Exception as exc:  # noqa: BLE001 (any failure of the kernel's build or run)
+        FLEX["ok"] = False
+        return f"flex: FAILED ({type(exc).__name__}: {str(exc).splitlines()[0][:200]}) -> dense-mask SDPA fallback"
 
 class CausalSelfAttention(nn.Module):
     def __init__(self, h: Hyperparameters, xsa: bool):
@@ -445,11 +470,13 @@ class CausalSelfAttention(nn.Module):
         self.gate_scale, self.rope_dims, self.xsa = h.attn_gate_scale, h.rope_dims or self.head_dim, xsa
         self.rope_base, self.rope_ntk, self.train_seq_len = h.rope_base, h.rope_ntk, h.train_seq_len
 
-    def forward(self, x, mask):
-        B, T, _ = x.shape
-        q = rms_norm(self.c_q(x).view(B, T, self.heads, self.head_dim))
-        k = rms_norm(self.c_k(x).view(B, T, self.kv_heads, self.head_dim))
-        v = self.c_v(x).view(B, T, self.kv_heads, self.head_dim)
+    def forward(self, x, mask, lora=None):
+        """x: the normed block input. lora: a TTT slot's adapters (q, k, v, o, mlp), each fed x (o: added after proj)."""
+        (B, T, _), (q, k, v) = x.shape, (self.c_q(x), self.c_k(x), self.c_v(x))
+        if lora is not None:
+            q, k, v = q + lora_delta(x, lora[0]), k + lora_delta(x, lora[1]), v + lora_delta(x, lora[2])
+        q, k = rms_norm(q.view(B, T, self.heads, self.head_dim)), rms_norm(k.view(B, T, self.kv_heads, self.head_dim))
+        v = v.view(B, T, self.kv_heads, self.head_dim)
         cos, sin = rope_tables(T, self.rope_dims, self.rope_base, self.train_seq_len, self.rope_ntk, x.device)
         q = apply_rope(q, cos, sin, self.rope_dims) * self.q_gain.to(q.dtype)[:, None]
         k = apply_rope(k, cos, sin, self.rope_dims)
@@ -460,7 +487,8 @@ class CausalSelfAttention(nn.Module):
             y = (y - (y * v_hat).sum(-1, keepdim=True) * v_hat).reshape(B, T, self.heads, self.head_dim)
         if self.gate_w is not None:
             y = y * torch.sigmoid(self.gate_scale * F.linear(x[..., :GATE_DIMS], self.gate_w.to(x.dtype)))[..., None]
-        return self.proj(y.reshape(B, T, -1))
+        out = self.proj(y.reshape(B, T, -1))
+        return out if lora is None else out + lora_delta(x, lora[3])
 
 class MLP(nn.Module):
     def __init__(self, h: Hyperparameters):
@@ -486,27 +514,41 @@ class Block(nn.Module):
         if self.two_lane:  # lane_write[i, j]: how much sublayer i (attention, MLP) writes into lane j
             self.lane_write, self.lane_keep = nn.Parameter(torch.ones(2, 2)), nn.Parameter(torch.full((2,), 1.1))
 
-    def forward(self, x, x0, mask, lane1=None):
+    def mlp_branch(self, x, lora):
+        n = rms_norm(x) * self.norm_scale
+        out = self.mlp(n) if lora is None else self.mlp(n) + lora_delta(n, lora[4])  # TTT: a dim->dim bypass
+        return self.mlp_scale.to(x.dtype) * out
+
+    def forward(self, x, x0, mask, lane1=None, lora=None):
         mix = self.resid_mix.to(x.dtype)
-        x = mix[0] * x + mix[1] * x0
-        attn_out = self.attn_scale.to(x.dtype) * self.attn(rms_norm(x) * self.norm_scale, mask)
-        if self.two_lane:  # attention reads lane 0, the MLP reads lane 1; each writes into both
-            mlp_out = self.mlp_scale.to(x.dtype) * self.mlp(rms_norm(lane1) * self.norm_scale)
-            w, keep = self.lane_write.to(x.dtype), self.lane_keep.to(x.dtype)
-            return (keep[0] * x + w[0, 0] * attn_out + w[1, 0] * mlp_out,
+        x_in = mix[0] * x + mix[1] * x0
+        attn_out = self.attn_scale.to(x.dtype) * self.attn(rms_norm(x_in) * self.norm_scale, mask, lora)
+        if self.two_lane:  # attention reads lane 0 (mixed with x0), the MLP lane 1; each writes into both lanes
+            mlp_out, w, keep = self.mlp_branch(lane1, lora), self.lane_write.to(x.dtype), self.lane_keep.to(x.dtype)
+            return (keep[0] * x + w[0, 0] * attn_out + w[1, 0] * mlp_out,  # lane 0 kept unmixed, as the record
                     keep[1] * lane1 + w[0, 1] * attn_out + w[1, 1] * mlp_out)
-        mlp_in = x if self.parallel else x + attn_out
-        return x + attn_out + self.mlp_scale.to(x.dtype) * self.mlp(rms_norm(mlp_in) * self.norm_scale)
+        return x_in + attn_out + self.mlp_branch(x_in if self.parallel else x_in + attn_out, lora)
 
 class SmearGate(nn.Module):
-    """x_t <- x_t + g*(x_{t-1} - x_t), per-dim g = sigmoid(gate); never blends into a BOS position."""
-    def __init__(self, dim):
+    """Mixes the previous token's embedding in, never into a BOS position (nor position 0). form "seed": x_t +=
+    sigmoid(gate) * (x_{t-1} - x_t), a per-dim gate (0.5 at init); "record": x_t += lam * sigmoid(w . x_t[:12]) *
+    x_{t-1}, a per-token scalar gate, lam = 0 so the identity at init (the 04-27 record, on the raw embedding)."""
+    def __init__(self, dim, form="seed"):
         super().__init__()
-        self.gate = nn.Parameter(torch.zeros(dim))
+        self.form = form
+        if form == "seed":
+            self.gate = nn.Parameter(torch.zeros(dim))
+        else:
+            self.gate_proj, self.lam = nn.Parameter(torch.zeros(1, GATE_DIMS)), nn.Parameter(torch.zeros(()))
 
     def forward(self, x, ids):
-        prev = torch.cat((x[:, :1], x[:, :-1]), dim=1)  # position 0 blends with itself: a no-op
-        return x + (ids != BOS_ID).to(x.dtype).unsqueeze(-1) * torch.sigmoid(self.gate.to(x.dtype)) * (prev - x)
+        prev = torch.cat((torch.zeros_like(x[:, :1]), x[:, :-1]), dim=1)
+        keep = (ids != BOS_ID).to(x.dtype).unsqueeze(-1)
+        keep[:, 0] = 0.0
+        if self.form == "seed":
+            return x + keep * torch.sigmoid(self.gate.to(x.dtype)) * (prev - x)
+        gate = self.lam.to(x.dtype) * torch.sigmoid(F.linear(x[..., :GATE_DIMS], self.gate_proj.to(x.dtype)))
+        return x + keep * gate * prev
 
 def bigram_bucket_ids(ids: torch.Tensor, buckets: int) -> torch.Tensor:
     """(previous, current) pairs hashed into buckets-1 slots; position 0 and every BOS take the last slot."""
@@ -539,13 +581,14 @@ class GPT(nn.Module):
         super().__init__()
         self.h, self.tok_emb = h, nn.Embedding(h.vocab_size, h.model_dim)
         self.bigram = BigramHash(h) if h.bigram_buckets else None
-        self.smear = SmearGate(h.model_dim) if h.smear_gate else None
+        self.smear = SmearGate(h.model_dim, h.smear_form) if h.smear_gate else None
         self.blocks = nn.ModuleList(Block(h, i) for i in range(h.num_layers))
         n_skips = len(layer_schedule(h, looping=True)) // 2  # decoder j takes encoder n_enc-1-j; an odd last one none
         self.skip_weights = nn.Parameter(torch.ones(n_skips, h.model_dim)) if h.unet_skips else None
         self.skip_gates = nn.Parameter(torch.zeros(n_skips, h.model_dim)) if h.unet_skips and h.skip_gates else None
         self.register_buffer("inv_temperature", torch.ones(()), persistent=False)
-        self.looping, self.head_lora, self.order = False, None, layer_schedule(h, looping=False)
+        self.looping, self.order = False, layer_schedule(h, looping=False)
+        self.lora, self.head_lora = None, None  # TTT adapters: one (q, k, v, o, mlp) set per virtual layer; the head
         nn.init.normal_(self.tok_emb.weight, std=0.005)
         for name, m in self.named_modules():
             if isinstance(m, CastedLinear) and m.zero_init:
@@ -566,17 +609,22 @@ class GPT(nn.Module):
 
     def hidden(self, ids):
         x = self.tok_emb(ids) if self.bigram is None else self.tok_emb(ids) + self.bigram(ids)
-        x = rms_norm(x) if self.smear is None else self.smear(rms_norm(x), ids)
+        if self.smear is None or self.smear.form == "seed":  # seed: smear the normed embedding; record: the raw one
+            x = rms_norm(x) if self.smear is None else self.smear(rms_norm(x), ids)
+        else:
+            x = rms_norm(self.smear(x, ids))
         mask = document_mask(ids) if self.h.attn_doc_mask else None
         x0, lane1, skips, n_enc = x, None, [], len(self.order) // 2
         for i, layer in enumerate(self.order):
+            block, lora = self.blocks[layer], None if self.lora is None else self.lora[i]
+            lane1 = x if block.two_lane and lane1 is None else lane1  # lane 1 starts as lane 0, before the skip
             if self.skip_weights is not None and i >= n_enc and skips:  # U-Net: mirror-layer skip, into lane 0
                 skip, gates = self.skip_weights[i - n_enc].to(x.dtype) * skips.pop(), self.skip_gates
                 x = x + skip if gates is None else torch.lerp(skip, x, torch.sigmoid(gates[i - n_enc].to(x.dtype)))
-            if self.blocks[layer].two_lane:
-                x, lane1 = self.blocks[layer](x, x0, mask, x if lane1 is None else lane1)
+            if block.two_lane:
+                x, lane1 = block(x, x0, mask, lane1, lora)
             else:
-                x = self.blocks[layer](x, x0, mask)
+                x = block(x, x0, mask, lora=lora)
             if i < n_enc:
                 skips.append(x)
         return rms_norm(x if lane1 is None else 0.5 * (x + lane1))
@@ -640,7 +688,9 @@ class Muon(torch.optim.Optimizer):
             offset = 0
             for i, p in enumerate(params):
                 if i % world == rank and p.grad is not None:
-                    buf = self.state[p].setdefault("momentum_buffer", torch.zeros_like(p.grad))
+                    if "momentum_buffer" not in self.state[p]:  # made once (setdefault would allocate every step)
+                        self.state[p]["momentum_buffer"] = torch.zeros_like(p.grad)
+                    buf = self.state[p]["momentum_buffer"]
                     buf.mul_(group["momentum"]).add_(p.grad)
                     update = p.grad.add(buf, alpha=group["momentum"])  # Nesterov
                     if self.eq_r:
@@ -688,7 +738,9 @@ def muon_wd_multiplier(frac: float, h: Hyperparameters) -> float:
 
 # ======== Averaging (EMA / SWA) =======================================================================================
 class WeightAverager:
-    """EMA of the parameters, or SWA: the mean of checkpoints every SWA_EVERY steps once the LR mult < SWA_START_LR."""
+    """EMA of the parameters, or SWA: the mean of checkpoints every SWA_EVERY steps once the LR mult < SWA_START_LR.
+    The EMA's decay at step t is min(EMA_DECAY, (1+t)/(10+t)): early weights fade out of a short run, while runs
+    past ~(10d-1)/(1-d) steps (2,560 at 0.9965) end as with a constant decay."""
     def __init__(self, model: nn.Module, h: Hyperparameters):
         self.mode, self.h, self.params, self.count = h.averaging, h, list(model.parameters()), 0
         self.avg = [p.detach().float().clone() for p in self.params] if self.mode == "ema" else None
@@ -697,7 +749,7 @@ class WeightAverager:
     def update(self, step: int, lr_mul: float):
         current = [p.detach().float() for p in self.params]
         if self.mode == "ema":
-            torch._foreach_lerp_(self.avg, current, 1.0 - self.h.ema_decay)
+            torch._foreach_lerp_(self.avg, current, 1.0 - min(self.h.ema_decay, (1.0 + step) / (10.0 + step)))
         elif self.mode == "swa" and lr_mul < self.h.swa_start_lr and step % self.h.swa_every == 0:
             self.avg = [c.clone() for c in current] if self.avg is None else torch._foreach_add(self.avg, current)
             self.count += 1
@@ -1056,15 +1108,25 @@ def eval_sliding(model, tokens, seq_len, stride, batch_seqs, luts, rt: Runtime) 
     score_windows(model, tokens, windows[mine.start:mine.stop], seq_len, batch_seqs, luts, rt, scores)
     return scores.reduce(rt.world)
 
-def sgd_train(model, tokens, targets: torch.Tensor, params, opt, h: Hyperparameters, rt: Runtime):
-    """TTT_EPOCHS passes over already scored targets t (input tokens[t]) in rows of EVAL_SEQ_LEN, TTT_BATCH_SEQS
-    rows a step on any world size, rank r taking rows r, r+world, ...; padding is masked and reads no token."""
-    seq_len, rows, per_rank = h.eval_seq_len, h.ttt_batch_seqs, -(-h.ttt_batch_seqs // rt.world)
-    n_steps = -(-targets.numel() // (rows * seq_len))
+def ttt_step_rows(h: Hyperparameters) -> int:
+    """Rows of EVAL_SEQ_LEN per TTT SGD step: one TTT_CHUNK_TOKENS chunk (16 rows of 2048 at 32,768), at most
+    TTT_BATCH_SEQS, so a chunk's step carries no padded rows."""
+    return max(1, min(h.ttt_batch_seqs, h.ttt_chunk_tokens // h.eval_seq_len))
+
+def sgd_train(model, tokens, targets: torch.Tensor, params, opt, h: Hyperparameters, rt: Runtime, lr_at=None):
+    """TTT_EPOCHS passes over already scored targets t (input tokens[t]) in rows of EVAL_SEQ_LEN, ttt_step_rows rows
+    a step on any world size, rank r taking rows r, r+world, ...; a last partial row is masked and reads no token.
+    lr_at(step, steps): each step's learning rate, a step at lr 0 skipped (None: the lr as set)."""
+    seq_len, rows = h.eval_seq_len, ttt_step_rows(h)
+    per_rank, n_steps = -(-rows // rt.world), -(-targets.numel() // (rows * seq_len))
     padded = torch.full((n_steps * rows * seq_len,), -1, dtype=torch.int64, device=targets.device)
     padded[:targets.numel()] = targets
     for _ in range(h.ttt_epochs):
-        for step_targets in padded.view(n_steps, rows, seq_len):
+        for i, step_targets in enumerate(padded.view(n_steps, rows, seq_len)):
+            if lr_at is not None:
+                opt.param_groups[0]["lr"] = lr_at(i, n_steps)
+                if opt.param_groups[0]["lr"] == 0:
+                    continue
             n_tokens = (step_targets >= 0).sum()
             t = step_targets[rt.rank::rt.world]  # rows r, r+world, ...: a short chunk still spreads over the ranks
             t = F.pad(t, (0, 0, 0, per_rank - t.size(0)), value=-1).to(tokens.device)
@@ -1115,53 +1177,62 @@ def documents(tokens: torch.Tensor) -> list[tuple[int, int]]:
     return list(zip(starts, starts[1:] + [n]))
 
 LORA_ALPHA = 144.0  # adapters output (x A^T) B^T * LORA_ALPHA / rank
+FLEX_MIN_LEN = 256  # shortest LoRA window with the document mask (compiled block masks reported failing at <= 128)
 
-def lora_targets(net: GPT) -> list[nn.Module]:
-    return [m for m in net.blocks.modules() if isinstance(m, CastedLinear)] + [net]  # net: the output head
+def make_adapters(net: GPT, h: Hyperparameters, device) -> list[torch.Tensor]:
+    """(A, B) per adapter, TTT_LORA_DOCS documents deep: q, k, v, o, mlp for each virtual layer (a looped layer
+    gets a set per pass), then the head. Made once; reset in place (same tensors: no recompiles)."""
+    dim, kv_dim = h.model_dim, h.num_kv_heads * (h.model_dim // h.num_heads)
+    outs, (docs, rank) = [dim, kv_dim, kv_dim, dim, dim] * len(net.order) + [h.vocab_size], (h.ttt_lora_docs, h.ttt_lora_rank)
+    return [t for n_out in outs for t in (torch.zeros(docs, rank, dim, device=device, requires_grad=True),
+                                          torch.zeros(docs, n_out, rank, device=device, requires_grad=True))]
+
+@torch.no_grad()
+def reset_adapters(adapters: list[torch.Tensor], seed: int, redraw_a: bool):
+    """B = 0, so every adapter adds 0; A uniform in +-1/sqrt(in) from a seeded generator, or kept (warm start)."""
+    generator = torch.Generator(adapters[0].device).manual_seed(seed)
+    for a, b in zip(adapters[0::2], adapters[1::2]):
+        if redraw_a:
+            a.uniform_(-a.size(-1) ** -0.5, a.size(-1) ** -0.5, generator=generator)
+        b.zero_()
 
 @contextlib.contextmanager
 def lora_attached(net: GPT, adapters: list[torch.Tensor], h: Hyperparameters):
-    """The adapters (A, B per lora_targets entry) on their layers and the base weights frozen, for a block of code."""
-    targets, frozen = lora_targets(net), [p for p in net.parameters() if p.requires_grad]
-    for i, m in enumerate(targets):
-        setattr(m, "head_lora" if m is net else "lora", (adapters[2 * i], adapters[2 * i + 1], LORA_ALPHA / h.ttt_lora_rank))
+    """The adapters in the forward pass and the base weights frozen, for a block of code."""
+    pairs = [(a, b, LORA_ALPHA / h.ttt_lora_rank) for a, b in zip(adapters[0::2], adapters[1::2])]
+    net.lora, net.head_lora = [tuple(pairs[5 * i:5 * i + 5]) for i in range(len(net.order))], pairs[-1]
+    frozen = [p for p in net.parameters() if p.requires_grad]
     for p in frozen:
         p.requires_grad_(False)
     try:
         yield
     finally:
-        for m in targets:
-            setattr(m, "head_lora" if m is net else "lora", None)
+        net.lora, net.head_lora = None, None
         for p in frozen:
             p.requires_grad_(True)
 
-def lora_window(max_len: int, seq_len: int) -> int:
-    """The shortest of seq_len, seq_len/2, ... seq_len/16 that holds max_len: at most 5 compiled shapes."""
+def lora_window(max_len: int, seq_len: int, floor: int = 1) -> int:
+    """The shortest of seq_len, seq_len/2, ... seq_len/16, not under `floor`, that holds max_len: at most 5 shapes."""
     length = seq_len
-    while length % 2 == 0 and length // 2 >= max_len and length > seq_len // 16:
+    while length % 2 == 0 and length // 2 >= max(max_len, floor) and length > seq_len // 16:
         length //= 2
     return length
 
-def score_lora_batch(model, tokens, batch_docs, h: Hyperparameters, luts, rt: Runtime, adapters, scores, seed=0):
-    """One batch of documents, each with its own fresh adapters. Chunk c of every document is scored (final),
-    then one AdamW step on the adapters with each document's mean loss over that chunk, summed over the batch;
-    no step follows a document's last chunk. A window reads at most EVAL_SEQ_LEN tokens of its own document."""
+def score_lora_batch(model, tokens, batch_docs, h: Hyperparameters, luts, rt: Runtime, adapters, scores):
+    """One batch of documents, each with its own adapters. Chunk c of every document is scored (final), then one
+    AdamW step on the adapters with each document's mean loss over that chunk, summed over the batch; no step
+    follows a document's last chunk. A window reads at most EVAL_SEQ_LEN tokens of its own document."""
     device, chunk, seq_len = luts[0].device, h.ttt_lora_chunk, h.eval_seq_len
     docs = torch.tensor(batch_docs + [(0, 0)] * (h.ttt_lora_docs - len(batch_docs)), dtype=torch.int64, device=device)
     first, end = docs[:, 0:1], docs[:, 1:2]
-    generator = torch.Generator(device).manual_seed(seed)  # A's draw depends on the batch, not on the RNG state
-    with torch.no_grad():
-        for i in range(0, len(adapters), 2):  # A uniform in +-1/sqrt(in), B zero: every adapter starts at 0
-            adapters[i].uniform_(-adapters[i].size(-1) ** -0.5, adapters[i].size(-1) ** -0.5, generator=generator)
-            adapters[i + 1].zero_()
     opt = torch.optim.AdamW(adapters, lr=h.ttt_lora_lr, betas=(0.0, 0.99), eps=1e-10, weight_decay=h.ttt_lora_wd)
-    n_chunks = max(-(-(e - s) // chunk) for s, e in batch_docs)
+    n_chunks, floor = max(-(-(e - s) // chunk) for s, e in batch_docs), FLEX_MIN_LEN if h.attn_doc_mask else 1
     for c in range(n_chunks):
         lo = first + c * chunk
         hi = torch.minimum(lo + chunk, end)
         start = torch.maximum(first, hi - seq_len)
         ntk_fixed = h.rope_ntk and seq_len > h.train_seq_len  # the NTK base depends on the length: keep it fixed
-        length = seq_len if ntk_fixed else lora_window(int((hi - start).max()), seq_len)
+        length = seq_len if ntk_fixed else lora_window(int((hi - start).max()), seq_len, floor)
         pos = start + torch.arange(length, device=device)
         x = torch.where(pos < hi, tokens[pos.clamp_max(tokens.numel() - 2)], 0)  # never a token past the chunk
         y = torch.where(pos < hi, tokens[(pos + 1).clamp_max(tokens.numel() - 1)], 0)
@@ -1177,31 +1248,54 @@ def score_lora_batch(model, tokens, batch_docs, h: Hyperparameters, luts, rt: Ru
         opt.step()
         opt.zero_grad(set_to_none=True)
 
+def global_sgd(model, tokens, targets, h: Hyperparameters, rt: Runtime):
+    """phased TTT's pass over scored documents: a fresh SGD (momentum 0.9) on the whole base model, the lr
+    cosine-decayed from TTT_LR to 0 over the phase's steps (the last one, at lr 0, skipped), as the record."""
+    params = list(getattr(model, "_orig_mod", model).parameters())
+    sgd_train(model, tokens, targets, params, torch.optim.SGD(params, lr=h.ttt_lr, momentum=0.9), h, rt,
+              lambda i, n: h.ttt_lr * 0.5 * (1.0 + math.cos(math.pi * (i / (n - 1) if n > 1 else 1.0))))
+
 def eval_lora(model: GPT, tokens, h: Hyperparameters, luts, rt: Runtime):
-    """Per-document LoRA TTT: documents longest first, TTT_LORA_DOCS a batch, a batch per rank a round. phased: as the
-    scored documents pass each of TTT_PHASES marks to TTT_PHASE_DOCS, SGD on them all. -> (Scores, phases run)"""
+    """Per-document LoRA TTT: documents longest first (the scoring order), TTT_LORA_DOCS a batch, a batch per rank a
+    round; B reset per batch, A redrawn (or kept, TTT_LORA_WARM_A). phased: once the first m documents of the order
+    are scored, for each of TTT_PHASES marks m up to TTT_PHASE_DOCS, global_sgd on exactly those documents, then
+    fresh adapters. -> (Scores, phases run)"""
     device, net = luts[0].device, getattr(model, "_orig_mod", model)
-    docs = documents(tokens)
-    order = sorted(range(len(docs)), key=lambda i: (docs[i][0] - docs[i][1], i))
-    batches = [[docs[i] for i in order[b:b + h.ttt_lora_docs]] for b in range(0, len(order), h.ttt_lora_docs)]
-    marks = [h.ttt_phase_docs * (p + 1) // h.ttt_phases for p in range(h.ttt_phases)] if h.ttt_mode == "phased" else []
-    base_params = list(net.parameters())
-    base_opt = torch.optim.SGD(base_params, lr=h.ttt_lr, momentum=0.9)
-    adapters, scores, phases_done = [], Scores(device), 0  # one set for all batches: no recompiles, reset in place
-    for m in lora_targets(net):
-        n_in, n_out = (m.in_features, m.out_features) if m is not net else (h.model_dim, h.vocab_size)
-        adapters += [torch.zeros(h.ttt_lora_docs, h.ttt_lora_rank, n_in, device=device, requires_grad=True),
-                     torch.zeros(h.ttt_lora_docs, n_out, h.ttt_lora_rank, device=device, requires_grad=True)]
+    queue = sorted(documents(tokens), key=lambda d: (d[0] - d[1], d[0]))
+    batches = [queue[b:b + h.ttt_lora_docs] for b in range(0, len(queue), h.ttt_lora_docs)]
+    n_prefix = min(h.ttt_phase_docs, len(queue))
+    marks = [m for p in range(h.ttt_phases) if (m := n_prefix * (p + 1) // h.ttt_phases)] if h.ttt_mode == "phased" else []
+    adapters, scores, phases_done = make_adapters(net, h, device), Scores(device), 0
+    reset_adapters(adapters, h.seed, redraw_a=True)
     for r in range(0, len(batches), rt.world):
         if r + rt.rank < len(batches):
+            reset_adapters(adapters, h.seed + r + rt.rank, redraw_a=not h.ttt_lora_warm_a)
             with lora_attached(net, adapters, h):
-                score_lora_batch(model, tokens, batches[r + rt.rank], h, luts, rt, adapters, scores, h.seed + r + rt.rank)
-        scored_docs = [d for batch in batches[:r + rt.world] for d in batch]
-        if sum(len(scored_docs) >= m for m in marks) > phases_done and r + rt.world < len(batches):
-            phases_done = sum(len(scored_docs) >= m for m in marks)
-            targets = torch.cat([torch.arange(s, e, device=device) for s, e in scored_docs])
-            sgd_train(model, tokens, targets, base_params, base_opt, h, rt)
+                score_lora_batch(model, tokens, batches[r + rt.rank], h, luts, rt, adapters, scores)
+        scored = sum(map(len, batches[:r + rt.world]))
+        while phases_done < len(marks) and scored >= marks[phases_done] and r + rt.world < len(batches):
+            global_sgd(model, tokens, torch.cat([torch.arange(s, e, device=device) for s, e in queue[:marks[phases_done]]]),
+                       h, rt)
+            phases_done += 1
+            reset_adapters(adapters, h.seed + 7919 * phases_done, redraw_a=True)
     return scores.reduce(rt.world), phases_done
+
+def prime_eval_graphs(model, h: Hyperparameters, luts, rt: Runtime):
+    """Every evaluation path once on synthetic tokens (never validation), so its graphs compile before the clocks:
+    sliding windows, TTT's SGD step (at lr 0), LoRA windows of every length (adapters only): weights are unchanged."""
+    device, net, n = luts[0].device, getattr(model, "_orig_mod", model), h.eval_seq_len + h.ttt_lora_chunk
+    tokens = torch.randint(2, h.vocab_size, (n + 1,), generator=torch.Generator().manual_seed(0)).to(device)
+    tokens[0] = BOS_ID
+    score_windows(model, tokens, sliding_windows(n, h.eval_seq_len, h.eval_stride)[:1], h.eval_seq_len,
+                  h.val_batch_seqs, luts, rt, Scores(device))
+    if h.ttt and h.ttt_mode != "lora":  # chunked SGD and phased global SGD: one graph
+        params = list(net.parameters())
+        sgd_train(model, tokens, torch.arange(n, device=device), params, torch.optim.SGD(params, lr=0.0), h, rt)
+    if h.ttt and h.ttt_mode != "chunked":
+        adapters = make_adapters(net, h, device)
+        reset_adapters(adapters, 0, redraw_a=True)
+        with lora_attached(net, adapters, h):
+            score_lora_batch(model, tokens, [(0, n)], h, luts, rt, adapters, Scores(device))
 
 # ======== Training loop ===============================================================================================
 def make_logger(path: str | None):
@@ -1228,6 +1322,8 @@ def setup_runtime(h: Hyperparameters) -> Runtime:
         torch.cuda.set_device(device)
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
+    for name, switch in SDPA_BACKENDS.items():  # the kernels SDPA may choose, fixed before any graph is traced
+        getattr(torch.backends.cuda, "enable_" + switch)(name in h.sdpa_backends.split(","))
     compiled = h.compile == "1" or (h.compile == "auto" and use_cuda)
     if compiled:  # train, eval and TTT graphs share the model's code object; never fall back to eager
         torch._dynamo.config.recompile_limit = 64
@@ -1262,7 +1358,8 @@ class CompileGuard:
         return new, reasons
 
 def train_model(h: Hyperparameters, model: GPT, rt: Runtime, log, val_tokens, luts, guard: CompileGuard):
-    """Train until the wall clock (less the GPTQ reserve) or ITERATIONS: (seconds, steps, the compiled model)."""
+    """Train until the wall clock (less the GPTQ reserve) or ITERATIONS: (seconds, the live weights' last val_bpb,
+    the compiled model); the weights are then averaged."""
     device, world, grad_accum = rt.device, rt.world, 8 // rt.world
     compiled = rt.compile(model)
     ddp = DDP(compiled, device_ids=[device.index] if device.type == "cuda" else None,
@@ -1303,11 +1400,14 @@ def train_model(h: Hyperparameters, model: GPT, rt: Runtime, log, val_tokens, lu
                     x, y = torch.zeros(2, h.val_batch_seqs, h.train_seq_len, dtype=torch.int64, device=device)
                     compiled(x, y, reduction="none")
         loader.close()
+        if rt.compiled:  # the evaluation and TTT graphs too, in the looping state evaluation will have
+            prime_eval_graphs(compiled, h, luts, rt)
         model.set_looping(False)
         model.load_state_dict(saved[0])
         for opt, state in zip(optimizers, saved[1]):
             opt.load_state_dict(state)
-        log(f"warmup: {n} priming steps run and undone; graphs compiled:{guard.mark('train')[0]}")
+        log(f"warmup: {n} priming steps run and undone, evaluation graphs primed on synthetic tokens; "
+            f"graphs compiled:{guard.mark('train')[0]}")
 
     averager = WeightAverager(model, h)
     reserve = h.gptq_reserve_seconds if h.gptq or h.fit_temperature else 0.0
@@ -1356,7 +1456,8 @@ def train_model(h: Hyperparameters, model: GPT, rt: Runtime, log, val_tokens, lu
                 f"train_time:{train_time_now:.1f}s step_avg:{1000 * train_time_now / step:.2f}ms")
     loader.close()
     new_graphs, reasons = guard.mark("training")
-    log(f"compile_guard: {'ok' if not new_graphs else 'FAIL'} graphs compiled after warmup:{new_graphs}"
+    log("compile_guard: off (eager)" if not rt.compiled else
+        f"compile_guard: {'ok' if not new_graphs else 'FAIL'} graphs compiled after warmup:{new_graphs}"
         + (f" reasons: {' | '.join(reasons) or 'unknown'}" if new_graphs else ""))
     tokens_seen = step * h.train_batch_tokens
     log(f"training stopped step:{step} train_time:{train_time:.1f}s tokens:{tokens_seen} "
@@ -1364,7 +1465,7 @@ def train_model(h: Hyperparameters, model: GPT, rt: Runtime, log, val_tokens, lu
     if device.type == "cuda":
         log(f"peak_memory_allocated_mib:{torch.cuda.max_memory_allocated() // 2**20}")
     log(averager.apply())
-    return train_time, step, compiled
+    return train_time, scores.val_bpb, compiled
 
 def calibrate(h: Hyperparameters, model: GPT, rt: Runtime, log, train_time: float):
     """GPTQ Hessians and temperature from training tokens; fails past MAX_WALLCLOCK_SECONDS with training."""
@@ -1446,6 +1547,9 @@ def main():
     log(f"run_id:{run_id} torch:{torch.__version__} device:{rt.device} world:{rt.world} grad_accum:{8 // rt.world} "
         f"compile:{int(rt.compiled)} autocast:{rt.amp_dtype or 'fp32'} preset:{h.preset}")
     log("hyperparameters " + json.dumps(asdict(h), sort_keys=True))
+    log("sdpa: " + ",".join(n for n, switch in SDPA_BACKENDS.items() if getattr(torch.backends.cuda, switch + "_enabled")())
+        + (" " + probe_flex(rt, FLEX_MIN_LEN, h.model_dim // h.num_heads) if h.attn_doc_mask and rt.device.type == "cuda"
+           else ""))
     torch.manual_seed(h.seed)
     if not os.path.isfile(h.tokenizer_path):
         raise FileNotFoundError(f"tokenizer {h.tokenizer_path} does not exist (TOKENIZER_PATH)")
@@ -1463,19 +1567,26 @@ def main():
     if not h.eval_only:
         model = GPT(h).to(rt.device)
         log(parameter_report(model))
-        train_time, _, evaluator = train_model(h, model, rt, log, val_tokens, luts, guard)
+        train_time, live_bpb, evaluator = train_model(h, model, rt, log, val_tokens, luts, guard)
         log(f"weights_in_sync hashes:{check_ranks_in_sync(model, rt.world)}")
         model.set_qat(False)
         hessians, temperature = calibrate(h, model, rt, log, train_time)
         scores = eval_plain(evaluator, val_tokens, h.train_seq_len, h.val_batch_seqs, luts, rt)
         pre_quant = scores.val_bpb
-        log(f"pre_quant val_loss:{scores.val_loss:.8f} val_bpb:{scores.val_bpb:.8f}")
+        log(f"pre_quant val_loss:{scores.val_loss:.8f} val_bpb:{scores.val_bpb:.8f} live_weights_val_bpb:{live_bpb:.8f} "
+            f"averaging_delta:{scores.val_bpb - live_bpb:+.6f}")
         export_artifact(h, model, rt, log, hessians, temperature)
+    else:  # a model of the artifact's shape, its evaluation graphs primed before the clock (weights are unchanged)
+        with open(h.artifact_path, "rb") as f:
+            model = load_artifact_into(None, f.read(), h, rt.device)
+        evaluator = rt.compile(model)
+        if rt.compiled:
+            prime_eval_graphs(evaluator, h, luts, rt)
+            log(f"eval_only: evaluation graphs primed on synthetic tokens; graphs compiled:{guard.mark('train')[0]}")
     eval_start = time.perf_counter()  # the evaluation clock: from reading the artifact to the last score
     with open(h.artifact_path, "rb") as f:
         blob = f.read()
-    model = load_artifact_into(None if h.eval_only else model, blob, h, rt.device)  # every score: the artifact's
-    evaluator = rt.compile(model) if h.eval_only else evaluator
+    model = load_artifact_into(model, blob, h, rt.device)  # every score: the artifact's
     bytes_code = code_bytes()
     log(f"bytes_model:{len(blob)} bytes_code:{bytes_code} bytes_total:{len(blob) + bytes_code} limit:{budget_bytes(h)}")
     check_budget(len(blob), h)

@@ -151,7 +151,7 @@ def run_mode(monkeypatch, mode, base, tokens, luts, h=None):
     """One TTT evaluation of a copy of `base` with the probes installed; returns (Scores, Recorder, extra)."""
     h = h or make_h(mode)
     model, rec = copy.deepcopy(base), Recorder(tokens)
-    torch.manual_seed(1234)  # make_lora's A matrices are drawn from the global generator
+    torch.manual_seed(1234)
     with monkeypatch.context() as mp:
         install(mp, model, rec)
         if mode == "chunked":
@@ -275,27 +275,51 @@ def test_lora_steps_train_only_the_chunk_their_forward_just_scored(setup, runs, 
     assert torch.equal(torch.sort(trained).values, torch.sort(expect).values)
 
 
-def test_phased_sgd_trains_only_fully_scored_documents(setup, runs):
+def test_phased_sgd_trains_exactly_the_first_scored_documents(setup, runs):
+    """Phase p trains on the first marks[p] documents of the scoring order (longest first), all fully scored
+    before it, in that order, in steps of ttt_step_rows rows, each target once per epoch but for the last step's
+    (the cosine lr reaches 0 there, so the step is skipped, as in the record)."""
     tokens, *_ = setup
     h = make_h("phased")
     _, rec, phases = runs["phased"]
     assert phases == h.ttt_phases == 3
     groups = rec.sgd_groups()
     assert len(groups) == 3
-    doc_id = _doc_of(tokens)
-    sizes = []
-    for begin, trained in groups:
+    queue = sorted(tg.documents(tokens), key=lambda d: (d[0] - d[1], d[0]))
+    assert [e - s for s, e in queue[:3]] == [45, 37, 33]
+    step = tg.ttt_step_rows(h) * h.eval_seq_len
+    for (begin, trained), m in zip(groups, (2, 4, 6)):
         before = torch.cat([e[2] for e in rec.scores(begin)])
-        scored_docs = set(doc_id[before].tolist())
-        for d in scored_docs:  # every document touched so far is fully scored at the phase
-            s, e = tg.documents(tokens)[d]
-            assert bool(torch.isin(torch.arange(s, e), before).all()), d
-        # the phase trains on exactly those documents, each target once per epoch
-        counts = torch.bincount(trained, minlength=N_TARGETS)
-        assert torch.equal(counts > 0, torch.isin(torch.arange(N_TARGETS), before))
-        assert bool((counts[counts > 0] == h.ttt_epochs).all())
-        sizes.append(len(scored_docs))
-    assert sizes == [2, 4, 6]
+        targets = torch.cat([torch.arange(s, e) for s, e in queue[:m]])
+        assert bool(torch.isin(targets, before).all()), m  # all fully scored before the phase
+        n_steps = -(-targets.numel() // step)
+        expect = targets[:(n_steps - 1) * step].repeat(h.ttt_epochs)
+        assert torch.equal(torch.sort(trained).values, torch.sort(expect).values), m
+
+
+def test_global_sgd_has_a_fresh_optimizer_and_a_cosine_to_zero_per_phase(monkeypatch, setup):
+    tokens, *_ = setup
+    h = make_h("phased", TTT_EPOCHS=1, TTT_LR=0.04)
+    made, stepped = [], []
+
+    class SpySGD(torch.optim.SGD):
+        def __init__(self, params, **kw):
+            super().__init__(params, **kw)
+            made.append(self)
+
+        def step(self, closure=None):
+            stepped.append((made.index(self), self.param_groups[0]["lr"], len(self.state)))
+            return super().step(closure)
+
+    monkeypatch.setattr(tg.torch.optim, "SGD", SpySGD)
+    model = random_gpt(h)
+    targets = torch.arange(5 * tg.ttt_step_rows(h) * h.eval_seq_len)  # 5 steps
+    for _ in range(2):
+        tg.global_sgd(model, tokens, targets, h, RT)
+    assert len(made) == 2 and [o for o, _, _ in stepped] == [0] * 4 + [1] * 4  # a new optimizer per phase
+    lrs = [0.04 * 0.5 * (1 + math.cos(math.pi * i / 4)) for i in range(4)]  # the 5th step's lr is 0: skipped
+    assert [lr for _, lr, _ in stepped] == pytest.approx(lrs * 2) and lrs[0] == 0.04
+    assert [n > 0 for _, _, n in stepped] == [False, True, True, True] * 2  # each phase starts with no momentum
 
 
 # ----------------------------------------------------------------------------------------------
@@ -377,7 +401,7 @@ def broken_lora_next_chunk(monkeypatch):
         ("        hi = torch.minimum(lo + chunk, end)\n",
          "        hi = torch.minimum(lo + chunk, end)\n        hi2 = torch.minimum(hi + chunk, end)\n"),
         ("start = torch.maximum(first, hi - seq_len)", "start = torch.maximum(first, hi2 - seq_len)"),
-        ("lora_window(int((hi - start).max()), seq_len)", "lora_window(int((hi2 - start).max()), seq_len)"),
+        ("lora_window(int((hi - start).max()), seq_len, floor)", "lora_window(int((hi2 - start).max()), seq_len)"),
         ("x = torch.where(pos < hi,", "x = torch.where(pos < hi2,"),
         ("y = torch.where(pos < hi,", "y = torch.where(pos < hi2,"),
         ("learn = scored & (hi < end)", "learn = (pos >= lo) & (pos < hi2) & (hi < end)"),
