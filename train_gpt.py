@@ -177,8 +177,9 @@ class Hyperparameters:
 
     def validate(self):
         choices = {"mlp_act": ("relu2", "leaky_relu2"), "averaging": ("ema", "swa", "none"), "quant_small_bits": (0, 8),
-                   "device": ("auto", "cuda", "cpu"), "compile": ("auto", "1", "0"), "autocast": ("auto", "bf16", "fp32"),
-                   "muon_ns_coeffs": tuple(NS_COEFFS), "ttt_mode": ("chunked", "lora", "phased"), "parallel_lanes": (1, 2),
+                   "device": ("auto", "cuda", "cpu"), "compile": ("auto", "1", "0"),
+                   "autocast": ("auto", "bf16", "fp32"), "muon_ns_coeffs": tuple(NS_COEFFS),
+                   "ttt_mode": ("chunked", "lora", "phased"), "parallel_lanes": (1, 2),
                    "smear_form": ("seed", "record")}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
@@ -193,12 +194,14 @@ class Hyperparameters:
         rules = [
             (rem or head_dim % 2 or self.num_heads % self.num_kv_heads,
              "MODEL_DIM must split into NUM_HEADS even-sized heads, NUM_HEADS into NUM_KV_HEADS groups"),
-            (self.rope_dims % 2 or not 0 <= self.rope_dims <= head_dim, f"ROPE_DIMS must be even, 0..head dim {head_dim}"),
+            (self.rope_dims % 2 or not 0 <= self.rope_dims <= head_dim,
+             f"ROPE_DIMS must be even, 0..head dim {head_dim}"),
             (self.eval_stride > self.eval_seq_len, "EVAL_STRIDE must not exceed EVAL_SEQ_LEN"),
             (not set(self.sdpa_backends.split(",")) <= set(SDPA_BACKENDS),
              f"SDPA_BACKENDS={self.sdpa_backends!r}: a comma list from {tuple(SDPA_BACKENDS)}"),
             (not all(2 <= b <= 8 for b in (self.quant_attn_bits, self.quant_mlp_bits, self.quant_embed_bits,
-                                           self.quant_bigram_bits)), "QUANT_{ATTN,MLP,EMBED,BIGRAM}_BITS must be in 2..8"),
+                                           self.quant_bigram_bits)),
+             "QUANT_{ATTN,MLP,EMBED,BIGRAM}_BITS must be in 2..8"),
             (self.bigram_buckets == 1 or self.bigram_buckets < 0, "BIGRAM_BUCKETS must be 0 (off) or at least 2"),
             (self.num_loops and not 0 <= self.loop_start <= self.loop_end < self.num_layers,
              "need 0 <= LOOP_START <= LOOP_END < NUM_LAYERS when NUM_LOOPS > 0"),
@@ -411,7 +414,7 @@ def rms_norm(x: torch.Tensor) -> torch.Tensor:
     return F.rms_norm(x, (x.size(-1),))
 
 def rope_tables(seq_len: int, dims: int, base: float, train_seq_len: int, ntk: bool, device):
-    if ntk and seq_len > train_seq_len and dims > 2:  # NTK-aware: stretch the base so low frequencies cover the longer span
+    if ntk and seq_len > train_seq_len and dims > 2:  # NTK-aware: low frequencies stretched over the longer span
         base = base * (seq_len / train_seq_len) ** (dims / (dims - 2))
     inv_freq = 1.0 / base ** (torch.arange(0, dims, 2, device=device, dtype=torch.float32) / dims)
     freqs = torch.outer(torch.arange(seq_len, device=device, dtype=torch.float32), inv_freq)
@@ -451,7 +454,8 @@ def probe_flex(rt: Runtime, length: int, head_dim: int) -> str:
         ids = torch.randint(0, 4, (2, length), device=rt.device)
         q = torch.randn(2, 2, length, head_dim, device=rt.device, dtype=rt.amp_dtype or torch.float32,
                         requires_grad=True)
-        rt.compile(lambda q, ids: flex_attention(q, q, q, block_mask=document_mask(ids)).float().sum())(q, ids).backward()
+        loss = rt.compile(lambda q, ids: flex_attention(q, q, q, block_mask=document_mask(ids)).float().sum())(q, ids)
+        loss.backward()
         return f"flex: ok (compiled forward and backward at length {length})"
     except Exception as exc:  # noqa: BLE001 (any failure of the kernel's build or run)
         FLEX["ok"] = False
@@ -460,7 +464,8 @@ def probe_flex(rt: Runtime, length: int, head_dim: int) -> str:
 class CausalSelfAttention(nn.Module):
     def __init__(self, h: Hyperparameters, xsa: bool):
         super().__init__()
-        dim, self.heads, self.kv_heads, self.head_dim = h.model_dim, h.num_heads, h.num_kv_heads, h.model_dim // h.num_heads
+        dim, self.heads, self.kv_heads = h.model_dim, h.num_heads, h.num_kv_heads
+        self.head_dim = dim // self.heads
         kv_dim, bits = self.kv_heads * self.head_dim, h.quant_attn_bits
         self.c_q, self.c_k = CastedLinear(dim, dim, bits), CastedLinear(dim, kv_dim, bits)
         self.c_v, self.proj = CastedLinear(dim, kv_dim, bits), CastedLinear(dim, dim, bits, zero_init=True)
@@ -471,7 +476,7 @@ class CausalSelfAttention(nn.Module):
         self.rope_base, self.rope_ntk, self.train_seq_len = h.rope_base, h.rope_ntk, h.train_seq_len
 
     def forward(self, x, mask, lora=None):
-        """x: the normed block input. lora: a TTT slot's adapters (q, k, v, o, mlp), each fed x (o: added after proj)."""
+        """x: the normed block input; lora: a TTT slot's adapters (q, k, v, o, mlp), fed x (o added after proj)."""
         (B, T, _), (q, k, v) = x.shape, (self.c_q(x), self.c_k(x), self.c_v(x))
         if lora is not None:
             q, k, v = q + lora_delta(x, lora[0]), k + lora_delta(x, lora[1]), v + lora_delta(x, lora[2])
@@ -1182,8 +1187,9 @@ FLEX_MIN_LEN = 256  # shortest LoRA window with the document mask (compiled bloc
 def make_adapters(net: GPT, h: Hyperparameters, device) -> list[torch.Tensor]:
     """(A, B) per adapter, TTT_LORA_DOCS documents deep: q, k, v, o, mlp for each virtual layer (a looped layer
     gets a set per pass), then the head. Made once; reset in place (same tensors: no recompiles)."""
-    dim, kv_dim = h.model_dim, h.num_kv_heads * (h.model_dim // h.num_heads)
-    outs, (docs, rank) = [dim, kv_dim, kv_dim, dim, dim] * len(net.order) + [h.vocab_size], (h.ttt_lora_docs, h.ttt_lora_rank)
+    dim, docs, rank = h.model_dim, h.ttt_lora_docs, h.ttt_lora_rank
+    kv_dim = h.num_kv_heads * (dim // h.num_heads)
+    outs = [dim, kv_dim, kv_dim, dim, dim] * len(net.order) + [h.vocab_size]
     return [t for n_out in outs for t in (torch.zeros(docs, rank, dim, device=device, requires_grad=True),
                                           torch.zeros(docs, n_out, rank, device=device, requires_grad=True))]
 
@@ -1264,7 +1270,8 @@ def eval_lora(model: GPT, tokens, h: Hyperparameters, luts, rt: Runtime):
     queue = sorted(documents(tokens), key=lambda d: (d[0] - d[1], d[0]))
     batches = [queue[b:b + h.ttt_lora_docs] for b in range(0, len(queue), h.ttt_lora_docs)]
     n_prefix = min(h.ttt_phase_docs, len(queue))
-    marks = [m for p in range(h.ttt_phases) if (m := n_prefix * (p + 1) // h.ttt_phases)] if h.ttt_mode == "phased" else []
+    marks = [n_prefix * (p + 1) // h.ttt_phases for p in range(h.ttt_phases)] if h.ttt_mode == "phased" else []
+    marks = [m for m in marks if m > 0]
     adapters, scores, phases_done = make_adapters(net, h, device), Scores(device), 0
     reset_adapters(adapters, h.seed, redraw_a=True)
     for r in range(0, len(batches), rt.world):
@@ -1274,28 +1281,34 @@ def eval_lora(model: GPT, tokens, h: Hyperparameters, luts, rt: Runtime):
                 score_lora_batch(model, tokens, batches[r + rt.rank], h, luts, rt, adapters, scores)
         scored = sum(map(len, batches[:r + rt.world]))
         while phases_done < len(marks) and scored >= marks[phases_done] and r + rt.world < len(batches):
-            global_sgd(model, tokens, torch.cat([torch.arange(s, e, device=device) for s, e in queue[:marks[phases_done]]]),
-                       h, rt)
+            targets = torch.cat([torch.arange(s, e, device=device) for s, e in queue[:marks[phases_done]]])
+            global_sgd(model, tokens, targets, h, rt)
             phases_done += 1
             reset_adapters(adapters, h.seed + 7919 * phases_done, redraw_a=True)
     return scores.reduce(rt.world), phases_done
 
 def prime_eval_graphs(model, h: Hyperparameters, luts, rt: Runtime):
     """Every evaluation path once on synthetic tokens (never validation), so its graphs compile before the clocks:
-    sliding windows, TTT's SGD step (at lr 0), LoRA windows of every length (adapters only): weights are unchanged."""
-    device, net, n = luts[0].device, getattr(model, "_orig_mod", model), h.eval_seq_len + h.ttt_lora_chunk
+    plain and sliding windows, TTT's SGD step (at lr 0), LoRA windows of every length (adapters only, forward and
+    backward; windows shorter than a chunk only score): the weights are unchanged."""
+    device, net = luts[0].device, getattr(model, "_orig_mod", model)
+    n, chunk = max(h.train_seq_len, h.eval_seq_len) + h.ttt_lora_chunk, h.ttt_lora_chunk
     tokens = torch.randint(2, h.vocab_size, (n + 1,), generator=torch.Generator().manual_seed(0)).to(device)
     tokens[0] = BOS_ID
-    score_windows(model, tokens, sliding_windows(n, h.eval_seq_len, h.eval_stride)[:1], h.eval_seq_len,
-                  h.val_batch_seqs, luts, rt, Scores(device))
+    for seq_len, stride in {(h.train_seq_len, h.train_seq_len), (h.eval_seq_len, h.eval_stride)}:
+        score_windows(model, tokens, sliding_windows(n, seq_len, stride)[:1], seq_len, h.val_batch_seqs, luts, rt,
+                      Scores(device))
     if h.ttt and h.ttt_mode != "lora":  # chunked SGD and phased global SGD: one graph
         params = list(net.parameters())
         sgd_train(model, tokens, torch.arange(n, device=device), params, torch.optim.SGD(params, lr=0.0), h, rt)
     if h.ttt and h.ttt_mode != "chunked":
-        adapters = make_adapters(net, h, device)
+        adapters, floor = make_adapters(net, h, device), FLEX_MIN_LEN if h.attn_doc_mask else 1
         reset_adapters(adapters, 0, redraw_a=True)
+        by_window = {lora_window(m, h.eval_seq_len, floor): m for m in range(1, chunk)}  # a short document each
+        by_window.pop(lora_window(chunk, h.eval_seq_len, floor), None)
         with lora_attached(net, adapters, h):
-            score_lora_batch(model, tokens, [(0, n)], h, luts, rt, adapters, Scores(device))
+            for length in [*by_window.values(), h.eval_seq_len + chunk]:  # the long one trains at every length
+                score_lora_batch(model, tokens, [(0, length)], h, luts, rt, adapters, Scores(device))
 
 # ======== Training loop ===============================================================================================
 def make_logger(path: str | None):
@@ -1311,7 +1324,8 @@ def make_logger(path: str | None):
     return log
 
 def setup_runtime(h: Hyperparameters) -> Runtime:
-    world, rank, local_rank = (int(os.environ.get(k, d)) for k, d in (("WORLD_SIZE", 1), ("RANK", 0), ("LOCAL_RANK", 0)))
+    world, rank, local_rank = (int(os.environ.get(k, d)) for k, d in
+                               (("WORLD_SIZE", "1"), ("RANK", "0"), ("LOCAL_RANK", "0")))
     if 8 % world:
         raise KnobError(f"world size {world} must divide 8 (gradient accumulation keeps 8-GPU semantics)")
     if h.device == "cuda" and not torch.cuda.is_available():
@@ -1351,7 +1365,8 @@ class CompileGuard:
     def mark(self, phase: str) -> tuple[int, list[str]]:
         """Graphs compiled since the previous mark, filed under `phase`, and the guard failures behind them."""
         now, counts = dynamo_counters["stats"]["unique_graphs"], {c: len(r) for c, r in dynamo_guard_failures.items()}
-        reasons = [r.splitlines()[0].strip() for c, n in counts.items() for r in dynamo_guard_failures[c][self.reasons_seen.get(c, 0):n]]
+        reasons = [r.splitlines()[0].strip() for c, n in counts.items()
+                   for r in dynamo_guard_failures[c][self.reasons_seen.get(c, 0):n]]
         new, self.seen, self.reasons_seen = now - self.seen, now, counts
         if phase:
             self.graphs[phase] = self.graphs.get(phase, 0) + new
@@ -1547,9 +1562,10 @@ def main():
     log(f"run_id:{run_id} torch:{torch.__version__} device:{rt.device} world:{rt.world} grad_accum:{8 // rt.world} "
         f"compile:{int(rt.compiled)} autocast:{rt.amp_dtype or 'fp32'} preset:{h.preset}")
     log("hyperparameters " + json.dumps(asdict(h), sort_keys=True))
-    log("sdpa: " + ",".join(n for n, switch in SDPA_BACKENDS.items() if getattr(torch.backends.cuda, switch + "_enabled")())
-        + (" " + probe_flex(rt, FLEX_MIN_LEN, h.model_dim // h.num_heads) if h.attn_doc_mask and rt.device.type == "cuda"
-           else ""))
+    sdpa = [n for n, switch in SDPA_BACKENDS.items() if getattr(torch.backends.cuda, switch + "_enabled")()]
+    flex = probe_flex(rt, FLEX_MIN_LEN, h.model_dim // h.num_heads) if h.attn_doc_mask and rt.device.type == "cuda" \
+        else ""
+    log(f"sdpa: {','.join(sdpa)} {flex}".strip())
     torch.manual_seed(h.seed)
     if not os.path.isfile(h.tokenizer_path):
         raise FileNotFoundError(f"tokenizer {h.tokenizer_path} does not exist (TOKENIZER_PATH)")
@@ -1573,8 +1589,8 @@ def main():
         hessians, temperature = calibrate(h, model, rt, log, train_time)
         scores = eval_plain(evaluator, val_tokens, h.train_seq_len, h.val_batch_seqs, luts, rt)
         pre_quant = scores.val_bpb
-        log(f"pre_quant val_loss:{scores.val_loss:.8f} val_bpb:{scores.val_bpb:.8f} live_weights_val_bpb:{live_bpb:.8f} "
-            f"averaging_delta:{scores.val_bpb - live_bpb:+.6f}")
+        log(f"pre_quant val_loss:{scores.val_loss:.8f} val_bpb:{scores.val_bpb:.8f} "
+            f"live_weights_val_bpb:{live_bpb:.8f} averaging_delta:{scores.val_bpb - live_bpb:+.6f}")
         export_artifact(h, model, rt, log, hessians, temperature)
     else:  # a model of the artifact's shape, its evaluation graphs primed before the clock (weights are unchanged)
         with open(h.artifact_path, "rb") as f:

@@ -276,3 +276,32 @@ def test_a_recompile_in_the_training_loop_is_caught(fresh_dynamo, eval_setup, sa
     with pytest.raises(AssertionError, match=r"compile_guard: FAIL .*reasons: .*drift_scale") as failure:
         assert_compile_guard_ok(log)
     assert "drift_scale" in str(failure.value)
+
+
+@pytest.mark.parametrize("mode", ["chunked", "lora", "phased"])
+def test_primed_graphs_cover_every_evaluation_pass(fresh_dynamo, eval_setup, mode):
+    """prime_eval_graphs on synthetic tokens compiles every graph the evaluation of real documents then uses: plain,
+    sliding, and the TTT mode's (LoRA windows of every length, forward and backward; the SGD steps)."""
+    h, luts, val = eval_setup
+    h = train_gpt.Hyperparameters.from_env({**RUN_KNOBS, "TTT_MODE": mode, "TTT_LORA_CHUNK": "8", "TTT_LORA_DOCS": "4",
+                                            "TTT_LORA_RANK": "4", "TTT_PHASES": "2", "TTT_PHASE_DOCS": "8",
+                                            "DATA_PATH": h.data_path, "TOKENIZER_PATH": h.tokenizer_path})
+    rt = train_gpt.Runtime(CPU, compiled=True, backend="aot_eager")
+    model = _tiny_model()
+    model.set_qat(False)
+    evaluator, guard = rt.compile(model), train_gpt.CompileGuard()
+    before = [p.detach().clone() for p in model.parameters()]
+    train_gpt.prime_eval_graphs(evaluator, h, luts, rt)
+    primed, _ = guard.mark("prime")
+    assert primed >= 2 and all(torch.equal(a, p) for a, p in zip(before, model.parameters()))  # weights unchanged
+    tokens = val[:1501]
+    docs = train_gpt.documents(tokens)
+    assert len(docs) > 2 * h.ttt_lora_docs and min(e - s for s, e in docs) < 4  # short documents: small windows
+    train_gpt.eval_plain(evaluator, tokens, h.train_seq_len, h.val_batch_seqs, luts, rt)
+    train_gpt.eval_sliding(evaluator, tokens, h.eval_seq_len, h.eval_stride, h.val_batch_seqs, luts, rt)
+    if mode == "chunked":
+        train_gpt.eval_ttt(evaluator, tokens, h, luts, rt)
+    else:
+        assert train_gpt.eval_lora(evaluator, tokens, h, luts, rt)[1] == (2 if mode == "phased" else 0)
+    new, reasons = guard.mark("eval")
+    assert new == 0, f"{new} graphs compiled during evaluation after priming: {reasons}"

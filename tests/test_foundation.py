@@ -622,7 +622,11 @@ def test_train_run_log_lines(train_run):
     assert (logged["sdclip_attn_k"], logged["sdclip_mlp_k"], logged["sdclip_embed_k"]) == (h.sdclip_attn_k, 11.5, 14.0)
     assert "quant_clip" not in logged
     assert re.search(r"^auto_fit: the finest steps fit: step multiplier 0\.2500 -> ", log, re.M)
-    assert re.search(r"^pre_quant val_loss:\d+\.\d{8} val_bpb:\d+\.\d{8}$", log, re.M)
+    m = re.search(r"^pre_quant val_loss:\d+\.\d{8} val_bpb:(\d+\.\d{8}) live_weights_val_bpb:(\d+\.\d{8}) "
+                  r"averaging_delta:([+-]\d+\.\d{6})$", log, re.M)
+    assert m and float(m.group(3)) == pytest.approx(float(m.group(1)) - float(m.group(2)), abs=2e-6)
+    last_step = re.findall(r"^step:\d+ val_loss:\S+ val_bpb:(\S+) ", log, re.M)[-1]  # the live weights' score
+    assert float(last_step) == pytest.approx(float(m.group(2)), abs=1e-6)
     f = finals(log)
     assert all(v[2] == "4096" for v in f.values())  # VAL_MAX_TOKENS: every target scored once
     pre = float(re.search(r"^pre_quant val_loss:\S+ val_bpb:(\S+)", log, re.M).group(1))
