@@ -317,13 +317,15 @@ def normalizer_is_identity(sp: spm.SentencePieceProcessor) -> bool:
 class SidecarTables:
     """Per-piece facts for attributing bytes to tokens: how many characters of the normalized text a
     piece spans (`adv`; a byte-fallback piece advances one character on the lead byte of its
-    character and none on continuation bytes) and which pieces are bytes / control ids."""
+    character and none on continuation bytes), which pieces are bytes, control ids, or start with
+    '▁' (`space`)."""
 
     def __init__(self, sp: spm.SentencePieceProcessor):
         n = sp.vocab_size()
         self.adv = np.zeros(n, dtype=np.int64)
         self.is_byte = np.zeros(n, dtype=np.bool_)
         self.is_control = np.zeros(n, dtype=np.bool_)
+        self.space = np.zeros(n, dtype=np.bool_)
         for i in range(n):
             if sp.is_control(i) or sp.is_unknown(i) or sp.is_unused(i):
                 self.is_control[i] = True
@@ -331,22 +333,31 @@ class SidecarTables:
                 self.is_byte[i] = True
                 self.adv[i] = int(not 0x80 <= int(sp.id_to_piece(i)[3:5], 16) < 0xC0)
             else:
-                self.adv[i] = len(sp.id_to_piece(i))
+                piece = sp.id_to_piece(i)
+                self.adv[i], self.space[i] = len(piece), piece.startswith(SPACE_PIECE)
         self.identity = normalizer_is_identity(sp)
         self.unk_id = sp.unk_id()
 
 
-def token_byte_counts(tables: SidecarTables, ids, costs: np.ndarray) -> np.ndarray:
+def token_byte_counts(tables: SidecarTables, ids, costs: np.ndarray, unk_spans=None) -> np.ndarray:
     """Bytes per token of `ids` (one document, no BOS), given `costs`: the bytes each character of the
     tokenizer's normalized text stands for. A token gets the costs of the characters it spans; a
-    byte-fallback token 1 (the costs of a byte-fallback character equal its UTF-8 length). ValueError
-    if the pieces do not span the text exactly."""
+    byte-fallback token 1 (the costs of a byte-fallback character equal its UTF-8 length).
+
+    unk_spans: the characters each <unk> token of `ids` spans, in order (a tokenizer without byte
+    fallback); then, by the challenge's byte rule, an <unk> counts 0 and is a boundary: a '▁' starting
+    the next token counts 0 too. ValueError if the pieces do not span the text exactly.
+    """
     ids = np.asarray(ids, dtype=np.int64)
-    if ids.size and tables.is_control[ids].any():
-        bad = int(ids[tables.is_control[ids]][0])
+    control = tables.is_control[ids]
+    unk = ids == tables.unk_id
+    if (control & ~unk).any() or (unk.any() and unk_spans is None):
+        bad = int(ids[control][0])
         raise ValueError(f"control/unknown id {bad} inside a document: cannot attribute its bytes "
                          "(a tokenizer without byte fallback?)")
     adv = tables.adv[ids]
+    if unk.any():
+        adv[unk] = unk_spans
     ends = np.cumsum(adv)
     total = int(ends[-1]) if ids.size else 0
     if total != len(costs):
@@ -354,6 +365,10 @@ def token_byte_counts(tables: SidecarTables, ids, costs: np.ndarray) -> np.ndarr
     cum = np.concatenate(([0], np.cumsum(costs, dtype=np.int64)))
     out = cum[ends] - cum[ends - adv]
     out[tables.is_byte[ids]] = 1
+    if unk.any():
+        out[unk] = 0
+        after = np.flatnonzero(unk[:-1] & tables.space[ids[1:]]) + 1
+        out[after] -= 1  # that '▁' cost 1 (costs of a normalized '▁' are 1)
     return out
 
 
@@ -367,21 +382,27 @@ def document_byte_counts(sp, tables: SidecarTables, text: str, ids, scheme=None)
       the document's counts sum to the UTF-8 length of the original document.
     - a normalizing tokenizer (nmt_nfkc, the challenge's): the counts are the bytes of the normalized
       text (whitespace runs collapsed, ends trimmed, NFKC), a '▁' 1 byte except as the first
-      character, which is the challenge's byte rule (TECHNIQUES 13.1) position by position.
-      CaseOps needs an identity-normalized tokenizer (ValueError otherwise).
+      character, and <unk> 0 with no space byte after it: the challenge's byte rule (TECHNIQUES
+      13.1), position by position. CaseOps needs an identity-normalized tokenizer (ValueError).
     """
     if tables.identity:
         costs = caseops.byte_costs(text) if scheme is not None else caseops.utf8_lengths(text)
-    else:
-        if scheme is not None:
-            raise ValueError("CaseOps byte counts need a tokenizer with identity normalization "
-                             "(build_shards.py --caseops trains one); this one normalizes text")
-        norm = sp.normalize(text)
-        costs = caseops.utf8_lengths(norm)
-        costs[np.frombuffer(norm.encode("utf-32-le"), dtype="<u4") == ord(SPACE_PIECE)] = 1
-        if norm.startswith(SPACE_PIECE):
-            costs[0] = 0  # no space byte right after BOS (the byte rule's boundary case)
-    return token_byte_counts(tables, ids, costs)
+        return token_byte_counts(tables, ids, costs)
+    if scheme is not None:
+        raise ValueError("CaseOps byte counts need a tokenizer with identity normalization "
+                         "(build_shards.py --caseops trains one); this one normalizes text")
+    norm = sp.normalize(text)
+    costs = caseops.utf8_lengths(norm)
+    costs[np.frombuffer(norm.encode("utf-32-le"), dtype="<u4") == ord(SPACE_PIECE)] = 1
+    if norm.startswith(SPACE_PIECE):
+        costs[0] = 0  # no space byte right after BOS (the byte rule's boundary case)
+    spans = None
+    if tables.unk_id in ids:  # the <unk> piece text is the normalized text it replaced
+        pieces = sp.encode(text, out_type=str)
+        if len(pieces) != len(ids):
+            raise ValueError("the tokenizer's pieces do not match its ids")
+        spans = [len(pieces[k]) for k in np.flatnonzero(np.asarray(ids) == tables.unk_id)]
+    return token_byte_counts(tables, ids, costs, spans)
 
 
 # -------------------------------------------------------------------- shards
@@ -433,14 +454,17 @@ class ShardWriter:
 
 def _encode_into(sp, texts: Iterable[str], writer: ShardWriter, stats: dict,
                  batch_chars: int = 4_000_000, threads: int | None = None, *, scheme=None,
-                 sidecar: ShardWriter | None = None) -> None:
+                 sidecar: ShardWriter | None = None, verify: bool = True) -> None:
     """Encode non-empty `texts` as [BOS] + ids into `writer`, updating `stats` in place.
 
     scheme: a caseops.CaseOps applied to every text before tokenizing (None: plain text).
     sidecar: a ShardWriter that gets the per-token byte counts, parallel to `writer` (BOS: 0); every
     document's counts are checked to sum to its UTF-8 length (identity-normalized tokenizers), and
-    CaseOps documents to decode back to the original text.
+    the tokens of a CaseOps document to decode to its transformed text and (verify) that to the
+    original text.
     """
+    if writer.limit is not None:  # a short cut split needs no 4M-character batches
+        batch_chars = min(batch_chars, max(100_000, 8 * writer.limit))
     threads = threads or os.cpu_count() or 1
     tables = byte_tables(sp)
     side_tables = SidecarTables(sp) if sidecar is not None else None
@@ -457,10 +481,9 @@ def _encode_into(sp, texts: Iterable[str], writer: ShardWriter, stats: dict,
                 raise ValueError(f"byte sidecar: a document's counts sum to {int(counts.sum())}, its text has "
                                  f"{len(text.encode('utf-8'))} UTF-8 bytes: {text[:60]!r}")
             if scheme is not None:
-                back = sp.decode(doc[1:])
-                if SPACE_PIECE in inp:  # SentencePiece reads a literal U+2581 as a space
-                    back = "".join(c if c != " " or inp[k] == " " else SPACE_PIECE for k, c in enumerate(back))
-                if back != inp or scheme.decode(back) != text:
+                back = sp.decode(doc[1:])  # shows the (escaped) literal U+2581 as a space
+                if back != inp.replace(SPACE_PIECE, " ") or (
+                        verify and scheme.decode(back, from_sentencepiece=True) != text):
                     raise ValueError(f"CaseOps tokens do not decode to the document: {text[:60]!r}")
             out += ([0], counts)
         counts = np.concatenate(out)
@@ -536,7 +559,7 @@ def build(inputs, out, *, val_input=None, val_docs: int | None = None, tokenizer
           tokenizer_docs: int = 200_000, tokenizer_chars: int = 20_000_000, txt_mode: str = "paragraph",
           threads: int | None = None, verbose: bool = False, overwrite: bool = False,
           caseops_scheme: str | None = None, normalization: str | None = None,
-          byte_sidecar: bool = False) -> dict:
+          byte_sidecar: bool = False, verify: bool = True) -> dict:
     """Build shards + tokenizer.model + meta.json in `out`; return the meta dict.
 
     Exactly one of `val_input` (list of files) or `val_docs` (first N non-empty
@@ -548,6 +571,8 @@ def build(inputs, out, *, val_input=None, val_docs: int | None = None, tokenizer
     as user-defined pieces, and write the validation byte sidecar (always on with CaseOps).
     normalization: of a trained tokenizer, "nmt_nfkc" (the default without CaseOps) or "identity".
     byte_sidecar: also write fineweb_val_bytes_*.bin for a plain build.
+    verify: with CaseOps, invert the transform on every validation document's tokens and compare
+    with the original (the tokens are always checked to decode to the transformed text).
     """
     t0 = time.time()
     inputs = [Path(p) for p in inputs]
@@ -621,7 +646,8 @@ def build(inputs, out, *, val_input=None, val_docs: int | None = None, tokenizer
         stats = _new_stats()
         writer = ShardWriter(out, split, shard_tokens, limit)
         sidecar = ShardWriter(out, f"{split}_{SIDECAR_TAG}", shard_tokens) if split == "val" and byte_sidecar else None
-        _encode_into(sp, stream, writer, stats, threads=threads, scheme=scheme, sidecar=sidecar)
+        _encode_into(sp, stream, writer, stats, threads=threads, scheme=scheme, sidecar=sidecar,
+                     verify=verify)
         paths = writer.close()
         if stats["docs"] == 0:
             raise ValueError(f"no non-empty {split} documents found "

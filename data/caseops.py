@@ -6,10 +6,11 @@ Unicode private-use area, which a CaseOps tokenizer holds as user-defined pieces
     TITLE   = U+E001   the next letter run starts with a capital, the rest follows the run's own markers
     ALLCAPS = U+E002   every letter of the next run (two or more letters) is a capital
     CAPNEXT = U+E003   the next letter, inside a run, is a capital
-    ESC     = U+E004   the next character is a literal operator character from the original text
+    ESC     = U+E004   the next character is a literal operator character (or U+2581) of the original text
 
 A *letter run* is a maximal run of case-pair letters (see "Which letters" below). What each case
-pattern of a run becomes (`_` is a space, `T` `A` `C` `E` the operators):
+pattern of a run becomes (`_` is a space, `T` `A` `C` `E` the operators; other blanks in the
+"transformed" column only separate them for reading):
 
     pattern                          original     transformed       note
     lowercase (or no case-pair)      hello        hello             unchanged, no operator
@@ -25,6 +26,7 @@ pattern of a run becomes (`_` is a space, `T` `A` `C` `E` the operators):
                                      DON'T        A don'T t         "DON" and "T" are separate runs
                                      B2B          T b2T b
     operator char already in text    x<U+E001>y   x E <U+E001> y    escaped; ESC itself too (E E)
+    SentencePiece's space mark U+2581 a▁b          a E ▁ b           escaped (see below)
     empty text                       ""           ""
 
 Option op_before_space (off in the records' caseops_v1): a TITLE/ALLCAPS operator whose run follows a
@@ -50,6 +52,11 @@ A left-alone character is not a letter for the run rules: 'STRAẞE' is the runs
 around 'ẞ'. The Unicode table comes from the running Python's unicodedata, so Unicode-mode shards
 should be built and decoded with the same Python minor version (ASCII mode has no such dependence).
 
+U+2581 ('▁') is escaped because SentencePiece shows every space as U+2581 and so decodes a literal
+U+2581 as a space; after ESC the tokens still decode to ESC + ' ', which decode(..., from_sentencepiece=True)
+reads back as U+2581, so tokens -> text is exact too. This is the only difference from the records'
+lossless_caps_caseops_v1 in its default (ASCII, no option) form, which leaves U+2581 alone.
+
 Byte accounting. Every non-operator character of the transformed text stands for exactly one original
 character of the same UTF-8 length, an operator stands for nothing (0 bytes), and an escaped literal
 operator for its own 3 bytes. byte_costs() returns that per-character count; it sums to the UTF-8 length
@@ -74,6 +81,8 @@ import numpy as np
 TITLE, ALLCAPS, CAPNEXT, ESC = "\ue001", "\ue002", "\ue003", "\ue004"
 OPERATORS = (TITLE, ALLCAPS, CAPNEXT, ESC)
 OPERATOR_BYTES = 3  # UTF-8 length of each operator character
+SPACE_MARK = "\u2581"  # SentencePiece's space symbol: a literal one in the text is escaped too
+ESCAPED = frozenset(OPERATORS + (SPACE_MARK,))
 _OPS_CLASS = "\ue001-\ue004"
 BASE_NAME = "caseops_v1"
 # scheme name -> (unicode_letters, op_before_space)
@@ -125,13 +134,17 @@ class CaseOps:
         pairs = case_pairs(self.unicode_letters)
         self._upper = frozenset(pairs)
         self._lower = frozenset(pairs.values())
-        self._to_lower = str.maketrans(pairs)
-        self._to_upper = str.maketrans({v: k for k, v in pairs.items()})
+        if self.unicode_letters:
+            to_lower, to_upper = str.maketrans(pairs), str.maketrans({v: k for k, v in pairs.items()})
+            self._lower_of = lambda s: s.translate(to_lower)
+            self._upper_of = lambda s: s.translate(to_upper)
+        else:  # only ASCII letters reach these: str.lower/upper are the pair maps there, and fast
+            self._lower_of, self._upper_of = str.lower, str.upper
         self._letters = self._upper | self._lower
         up, low = _char_class(self._upper), _char_class(self._lower)
         # Both directions scan for the rare characters that need work (capitals, operators) with one
         # character-class regex, then handle each hit's letter run in Python.
-        self._enc_hit = re.compile(f"[{_OPS_CLASS}{up}]")
+        self._enc_hit = re.compile(f"[{_OPS_CLASS}{SPACE_MARK}{up}]")
         self._run_rest = re.compile(f"[{up}{low}]*")
         self._dec_hit = re.compile(f"[{_OPS_CLASS}{up}]")
         self._dec_run = re.compile(f"[{low}](?:{re.escape(CAPNEXT)}?[{low}])*")
@@ -153,7 +166,7 @@ class CaseOps:
     # ------------------------------------------------------------------ encode
     def _encode_run(self, w: str) -> tuple[str, str]:
         """(operator or '', lowercase body with CAPNEXTs) for a letter run `w` holding a capital."""
-        low = w.translate(self._to_lower)
+        low = self._lower_of(w)
         if len(w) >= 2 and w.isupper():          # every letter a capital (all run letters are cased)
             return ALLCAPS, low
         if w[0] in self._upper and (len(w) == 1 or w[1:].islower()):
@@ -170,7 +183,7 @@ class CaseOps:
             if p < last:                          # a capital inside a run already written
                 continue
             ch = text[p]
-            if ch in OPERATORS:
+            if ch in ESCAPED:
                 out += (text[last:p], ESC, ch)
                 last = p + 1
                 continue
@@ -188,8 +201,12 @@ class CaseOps:
         return "".join(out)
 
     # ------------------------------------------------------------------ decode
-    def decode(self, text: str) -> str:
-        """The original text of a transformed `text`; ValueError if `text` is not an encode() output."""
+    def decode(self, text: str, from_sentencepiece: bool = False) -> str:
+        """The original text of a transformed `text`; ValueError if `text` is not an encode() output.
+
+        from_sentencepiece: `text` is a SentencePiece decode of CaseOps tokens, which shows the escaped
+        U+2581 of ESC + U+2581 as a space: read ESC + ' ' as U+2581 too.
+        """
         out, last = [], 0
         lower = self._lower
         for m in self._dec_hit.finditer(text):
@@ -199,8 +216,10 @@ class CaseOps:
             ch = text[p]
             if ch == ESC:
                 lit = text[p + 1:p + 2]
-                if not lit or lit not in OPERATORS:
-                    raise ValueError(f"ESC at {p} is not followed by an operator character")
+                if from_sentencepiece and lit == " ":
+                    lit = SPACE_MARK
+                if not lit or lit not in ESCAPED:
+                    raise ValueError(f"ESC at {p} is not followed by an operator character or U+2581")
                 out += (text[last:p], lit)
                 last = p + 2
             elif ch == TITLE or ch == ALLCAPS:
@@ -217,11 +236,11 @@ class CaseOps:
                 if ch == ALLCAPS:
                     if len(letters) < 2 or len(letters) != len(w):
                         raise ValueError(f"ALLCAPS at {p} needs a run of 2+ letters without CAPNEXT")
-                    dec = w.translate(self._to_upper)
+                    dec = self._upper_of(w)
                 else:
                     if len(letters) >= 2 and len(w) - len(letters) == len(letters) - 1:
                         raise ValueError(f"TITLE at {p} marks an all-caps run (ALLCAPS is its encoding)")
-                    dec = self._capnext(w[0].translate(self._to_upper) + w[1:])
+                    dec = self._capnext(self._upper_of(w[0]) + w[1:])
                 out += (text[last:p], sp, dec)
                 last = run.end()
             elif ch == CAPNEXT:
@@ -240,7 +259,7 @@ class CaseOps:
 
     def _capnext(self, s: str) -> str:
         parts = s.split(CAPNEXT)
-        return parts[0] + "".join(p[0].translate(self._to_upper) + p[1:] for p in parts[1:])
+        return parts[0] + "".join(self._upper_of(p[0]) + p[1:] for p in parts[1:])
 
     # ------------------------------------------------------------- accounting
     def byte_costs(self, text: str) -> np.ndarray:

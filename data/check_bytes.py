@@ -175,7 +175,7 @@ def check_caseops(args, sp, scheme, stream, docs, sidecar, n_files) -> int:
     originals, undecodable = [], []
     for k, ids in enumerate(docs):
         try:
-            originals.append(scheme.decode(sp.decode(ids.tolist())))
+            originals.append(scheme.decode(sp.decode(ids.tolist()), from_sentencepiece=True))
         except ValueError as e:
             originals.append(None)
             undecodable.append((k, str(e)))
