@@ -13,6 +13,10 @@ Usage (run from the repo root):
     python data/build_shards.py train.jsonl.zst --val-input val.jsonl.zst --out /tmp/sp8192 \\
         --vocab-size 8192 --tokenizer-chars 20000000
 
+    # CaseOps (the records since 2026-04-18): case-factored text + the val byte sidecar
+    python data/build_shards.py train.jsonl.zst --val-input val.jsonl.zst --out /tmp/sp8192_caseops \\
+        --vocab-size 8192 --caseops
+
 Inputs, in the order given:
   *.jsonl        one JSON object per line with a string "text" field
   *.jsonl.zst    the same, zstd-compressed (stream-decompressed)
@@ -52,8 +56,20 @@ emits <unk> for unknown characters: by the challenge's rule an <unk> counts 0
 bytes and the space of the piece after it is not counted, while decode() shows
 " ⁇ "; data/check_bytes.py reports such documents.)
 
-Importable: iter_documents, train_tokenizer, load_tokenizer, check_tokenizer,
-byte_tables, count_bpb_bytes, ShardWriter, build.
+CaseOps (--caseops, data/caseops.py): every document is transformed (lowercase text + the
+operators TITLE/ALLCAPS/CAPNEXT/ESC, U+E001..U+E004) before tokenizing. A trained tokenizer then uses
+identity normalization (no NFKC, no whitespace collapsing: the pieces spell the text exactly) and
+holds the 4 operators as user-defined pieces at ids 4..7 (byte pieces move to 8..263); --tokenizer
+must be such a model. Beside every fineweb_val_XXXXXX.bin goes fineweb_val_bytes_XXXXXX.bin, the
+records' byte sidecar: the same header and length, one uint16 per token, the original UTF-8 bytes
+that token stands for (BOS and operators 0, a byte-fallback piece 1, an escaped literal operator
+3). Every document's entries sum to its UTF-8 length exactly, its tokens are checked to decode back
+to it, and meta.json's "bpb_bytes" is then the original byte count. --byte-sidecar writes the
+sidecar for a plain build too; with a normalizing tokenizer (nmt_nfkc) it equals the byte-table
+rule (TECHNIQUES 13.1) at every position. Train shards get no sidecar.
+
+Importable: iter_documents, train_tokenizer, load_tokenizer, check_tokenizer, check_caseops_tokenizer,
+byte_tables, count_bpb_bytes, SidecarTables, document_byte_counts, ShardWriter, build.
 """
 from __future__ import annotations
 

@@ -59,7 +59,7 @@ lossless_caps_caseops_v1 in its default (ASCII, no option) form, which leaves U+
 
 Byte accounting. Every non-operator character of the transformed text stands for exactly one original
 character of the same UTF-8 length, an operator stands for nothing (0 bytes), and an escaped literal
-operator for its own 3 bytes. byte_costs() returns that per-character count; it sums to the UTF-8 length
+(an operator character or U+2581) for its own 3 bytes. byte_costs() returns that per-character count; it sums to the UTF-8 length
 of the original text.
 
 decode() accepts exactly the strings encode() produces (it raises ValueError on anything else, e.g. a
@@ -80,7 +80,6 @@ import numpy as np
 
 TITLE, ALLCAPS, CAPNEXT, ESC = "\ue001", "\ue002", "\ue003", "\ue004"
 OPERATORS = (TITLE, ALLCAPS, CAPNEXT, ESC)
-OPERATOR_BYTES = 3  # UTF-8 length of each operator character
 SPACE_MARK = "\u2581"  # SentencePiece's space symbol: a literal one in the text is escaped too
 ESCAPED = frozenset(OPERATORS + (SPACE_MARK,))
 _OPS_CLASS = "\ue001-\ue004"
