@@ -21,11 +21,14 @@ Variants (each from the Hugging Face dataset repo its records used):
 The CaseOps export lives under <root>/datasets/fineweb10B_sp8192_lossless_caps_caseops_v1_reserved/
 (fineweb_train_*.bin, fineweb_val_000000.bin and its byte sidecar fineweb_val_bytes_000000.bin) with
 <root>/tokenizers/fineweb_8192_bpe_lossless_caps_caseops_v1_reserved.model; locally it keeps that
-dataset name. Its tokenizer normalizes with nmt_nfkc (ours trains identity-normalized CaseOps
-tokenizers) and its sidecar counts the bytes of each piece's source span, so a record-style run uses
-its shards as they are: CASEOPS data needs the sidecar for val_bpb, never the piece byte tables.
-The raw docs file is large (every document of the export, tens of GB); the first 50,000 lines are
-the validation documents.
+dataset name. Its val_bpb must divide by the sidecar (shard_io.read_byte_sidecars), never by the
+piece byte tables. Two differences from what build_shards.py --caseops makes: that tokenizer
+normalizes with nmt_nfkc (whitespace runs collapse, newlines become spaces) while ours is
+identity-normalized, and its sidecar gives each piece the bytes of its source span in the raw text
+(so collapsed whitespace is charged to the next piece, and whitespace at a document's ends is not
+counted) while ours charges exactly the bytes each token spells. The sidecar file format is the same.
+The raw docs file holds every document of the export (large); its first 50,000 lines are the
+validation documents, docs go to the --local-dir root (data/docs_selected.jsonl).
 
 Any other --variant is an error that lists these. Every repo keeps its export
 under the remote root folder `datasets/`:
