@@ -21,10 +21,21 @@ them differ, through <unk> tokens (0 bytes by the challenge's rule). With --text
 are matched one to one with the shard's documents, and the raw UTF-8 bytes and
 the documents whose normalised text differs from the raw text are reported
 (a difference there is expected: val_bpb charges the normalised bytes).
+
+Byte sidecars (fineweb_val_bytes_*.bin, written by build_shards.py --caseops or --byte-sidecar) are
+checked too: header, same length as their token shard, 0 at every BOS, and per document the sum
+equals the direct count (plain builds; also position by position against the builder's tables when
+the tokenizer normalizes, as the challenge's does).
+
+CaseOps builds (meta.json names the scheme, or --caseops-scheme): the tokens of every document are
+decoded and the CaseOps transform inverted; the sidecar's sum must equal the UTF-8 length of that
+original text, and with --text the original must equal the input document exactly (the byte-table
+counts do not apply to CaseOps text and are skipped).
 """
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -33,8 +44,9 @@ import sentencepiece as spm
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
+import caseops  # noqa: E402
 from build_shards import BOS_ID, byte_tables, count_bpb_bytes, iter_documents  # noqa: E402
-from shard_io import read_shard  # noqa: E402
+from shard_io import read_byte_sidecars, read_shard, sidecar_path, token_shards  # noqa: E402
 
 
 def split_documents(stream: np.ndarray) -> list[np.ndarray]:
@@ -71,9 +83,11 @@ def main(argv=None) -> int:
     ap.add_argument("--split", default="val", choices=["val", "train"])
     ap.add_argument("--tokenizer", type=Path, help="SentencePiece model (default <shards>/tokenizer.model)")
     ap.add_argument("--text", nargs="+", type=Path, help="the input file(s) the split was built from")
+    ap.add_argument("--caseops-scheme", choices=list(caseops.SCHEMES),
+                    help="the build's CaseOps scheme (default: what <shards>/meta.json says)")
     args = ap.parse_args(argv)
 
-    files = sorted(args.shards.glob(f"fineweb_{args.split}_*.bin"))
+    files = token_shards(args.shards, args.split)
     if not files:
         sys.exit(f"check_bytes: no fineweb_{args.split}_*.bin in {args.shards}")
     sp = spm.SentencePieceProcessor(model_file=str(args.tokenizer or args.shards / "tokenizer.model"))
@@ -81,6 +95,20 @@ def main(argv=None) -> int:
     if stream.size and int(stream.max()) >= sp.vocab_size():
         sys.exit(f"check_bytes: token id {int(stream.max())} >= vocab size {sp.vocab_size()}")
     docs = split_documents(stream)
+    sidecar = None
+    if any(sidecar_path(f).is_file() for f in files):
+        try:
+            _, sidecar = read_byte_sidecars(args.shards, args.split)
+        except ValueError as e:
+            print(f"MISMATCH: {e}")
+            return 1
+        sidecar = sidecar.astype(np.int64)
+    scheme_name = args.caseops_scheme
+    meta_path = args.shards / "meta.json"
+    if scheme_name is None and meta_path.is_file():
+        scheme_name = (json.loads(meta_path.read_text()).get("caseops") or {}).get("scheme")
+    if scheme_name:
+        return check_caseops(args, sp, caseops.CaseOps.from_name(scheme_name), stream, docs, sidecar, len(files))
     decoded = [sp.decode(ids.tolist()) for ids in docs]
     direct = [len(d.encode("utf-8")) for d in decoded]
     tables = byte_tables(sp)
@@ -98,6 +126,18 @@ def main(argv=None) -> int:
           f"({sum(direct) / max(1, stream.size):.4f} bytes/token, "
           f"{sum(direct) / max(1, stream.size - len(docs)):.4f} without BOS)")
     bad = 0
+    if sidecar is not None:
+        per_doc = _per_doc(sidecar, docs)
+        diff = [k for k in range(len(docs)) if per_doc[k] != direct[k]]
+        base, space, boundary = tables
+        lut = np.concatenate(([base[stream[0]]], base[stream[1:]] + (space[stream[1:]] & ~boundary[stream[:-1]])))
+        pos = int((lut != sidecar).sum())
+        print(f"  byte sidecar: {int(sidecar.sum()):,} bytes, {len(diff)} document(s) differ from direct, "
+              f"{pos:,} position(s) differ from the byte tables" + (" (identity normalization: documents "
+              "that start with a space count it in the sidecar)" if pos and not diff else ""))
+        for k in diff[:5]:
+            print(f"    doc {k}: sidecar {per_doc[k]} vs direct {direct[k]}: {decoded[k][:80]!r}")
+        bad += len(diff)
     for name, counts in (("builder", builder), ("trainer", trainer)):
         if counts is None:
             continue
@@ -116,6 +156,54 @@ def main(argv=None) -> int:
         print(f"  raw input bytes: {raw_bytes:,} ({raw_bytes - sum(direct):+,} vs normalised); "
               f"normalisation changed {changed} of {len(docs)} documents")
     print("OK: every count matches the direct one" if not bad else f"MISMATCH in {bad} count(s)")
+    return 1 if bad else 0
+
+
+def _per_doc(counts: np.ndarray, docs: list[np.ndarray]) -> list[int]:
+    """Per-document sums of a per-token array parallel to the [BOS] + ids ... stream."""
+    out, pos = [], 0
+    for ids in docs:
+        out.append(int(counts[pos:pos + len(ids) + 1].sum()))  # BOS included (it counts 0)
+        pos += len(ids) + 1
+    return out
+
+
+def check_caseops(args, sp, scheme, stream, docs, sidecar, n_files) -> int:
+    """The CaseOps checks: decode every document, compare the sidecar (and --text) with the originals."""
+    print(f"{args.shards} {args.split}: {n_files} shard(s), {len(docs):,} docs, {stream.size:,} tokens "
+          f"(BOS included), vocab {sp.vocab_size()}, CaseOps {scheme.name}")
+    originals, undecodable = [], []
+    for k, ids in enumerate(docs):
+        try:
+            originals.append(scheme.decode(sp.decode(ids.tolist()), from_sentencepiece=True))
+        except ValueError as e:
+            originals.append(None)
+            undecodable.append((k, str(e)))
+    bad = len(undecodable)
+    for k, err in undecodable[:5]:
+        print(f"    doc {k}: does not invert the transform: {err}")
+    direct = [None if t is None else len(t.encode("utf-8")) for t in originals]
+    n_op = int(np.isin(stream, [sp.piece_to_id(op) for op in caseops.OPERATORS]).sum())
+    print(f"  original (decoded, transform inverted) bytes: {sum(d or 0 for d in direct):,}, "
+          f"{n_op:,} operator tokens ({n_op / max(1, stream.size):.2%})")
+    if sidecar is None:
+        print("  note: no byte sidecar for this split" + ("" if args.split == "train" else " (val_bpb needs one)"))
+        bad += args.split == "val"
+    else:
+        per_doc = _per_doc(sidecar, docs)
+        diff = [k for k in range(len(docs)) if direct[k] is not None and per_doc[k] != direct[k]]
+        print(f"  byte sidecar: {int(sidecar.sum()):,} bytes, {len(diff)} document(s) differ from the original")
+        for k in diff[:5]:
+            print(f"    doc {k}: sidecar {per_doc[k]} vs original {direct[k]}: {originals[k][:80]!r}")
+        bad += len(diff)
+    if args.text:
+        raw = [t for t in iter_documents(args.text) if t.strip()]
+        if len(raw) < len(docs):
+            sys.exit(f"check_bytes: {len(raw)} non-empty input documents but {len(docs)} in the shards")
+        differ = [k for k in range(len(docs)) if originals[k] is not None and originals[k] != raw[k]]
+        print(f"  input text: {len(differ)} of {len(docs)} documents differ from the decoded original")
+        bad += len(differ)
+    print("OK: every document round-trips and every count matches" if not bad else f"MISMATCH in {bad} count(s)")
     return 1 if bad else 0
 
 

@@ -15,11 +15,23 @@ Usage:
     write_shard("fineweb_val_000000.bin", tokens)
     tokens = read_shard("fineweb_val_000000.bin")         # np.ndarray[uint16]
 
+A validation byte sidecar (CaseOps; the records' fineweb_val_bytes_XXXXXX.bin) has exactly the same
+format: the same header (magic 20240520, version 1, count) and one little-endian uint16 per token of
+its token shard fineweb_val_XXXXXX.bin, same length, entry i for token i: the number of original
+UTF-8 bytes token i stands for (0 for BOS and for CaseOps operators). val_bpb divides by the sum of
+the entries at the scored target positions.
+
+    token_shards(dir, "val")                  # fineweb_val_000000.bin, ... (sidecars excluded)
+    sidecar_path("fineweb_val_000000.bin")    # fineweb_val_bytes_000000.bin
+    counts = read_byte_sidecar(sidecar, tokens_path)   # header + same-length check
+
 Only numpy is needed (no torch).
 """
 from __future__ import annotations
 
 import os
+import re
+from pathlib import Path
 
 import numpy as np
 
@@ -94,3 +106,69 @@ def read_shard(path) -> np.ndarray:
     if tokens.size != n:  # file changed under us
         raise ValueError(f"{path}: expected {n} tokens, read {tokens.size}")
     return tokens.astype(np.uint16, copy=False)
+
+
+# ------------------------------------------------------------------ byte sidecars
+SIDECAR_TAG = "bytes"  # fineweb_val_000000.bin -> fineweb_val_bytes_000000.bin
+_SHARD_NAME = re.compile(r"fineweb_(?P<split>[a-z]+)_(?P<index>\d+)\.bin")
+
+
+def token_shards(directory, split: str) -> list[Path]:
+    """The token shards fineweb_{split}_NNNNNN.bin in `directory`, sorted (byte sidecars excluded).
+
+    A plain glob("fineweb_val_*.bin") also matches the sidecars fineweb_val_bytes_*.bin: use this.
+    """
+    paths = []
+    for path in Path(directory).glob(f"fineweb_{split}_*.bin"):
+        m = _SHARD_NAME.fullmatch(path.name)
+        if m and m["split"] == split:
+            paths.append(path)
+    return sorted(paths)
+
+
+def sidecar_path(token_shard) -> Path:
+    """fineweb_val_000000.bin -> fineweb_val_bytes_000000.bin (same folder)."""
+    path = Path(token_shard)
+    m = _SHARD_NAME.fullmatch(path.name)
+    if not m:
+        raise ValueError(f"{path}: not a token shard name (fineweb_<split>_<index>.bin)")
+    return path.with_name(f"fineweb_{m['split']}_{SIDECAR_TAG}_{m['index']}.bin")
+
+
+def read_byte_sidecar(path, tokens_path=None, tokens=None, bos_id: int = 1) -> np.ndarray:
+    """The per-token byte counts of sidecar `path` (np.uint16), header checked.
+
+    With `tokens_path` (its token shard) the two must have the same length, and with the tokens (read
+    from `tokens_path`, or given as `tokens`) every BOS position must count 0 bytes; ValueError otherwise.
+    """
+    counts = read_shard(path)
+    if tokens is None and tokens_path is not None:
+        tokens = read_shard(tokens_path)
+    if tokens is not None:
+        where = tokens_path if tokens_path is not None else "its token shard"
+        if len(tokens) != len(counts):
+            raise ValueError(f"{path}: byte sidecar has {len(counts)} entries but {where} has "
+                             f"{len(tokens)} tokens; they must be parallel (same length)")
+        bad = np.flatnonzero((np.asarray(tokens) == bos_id) & (counts != 0))
+        if bad.size:
+            raise ValueError(f"{path}: BOS at position {int(bad[0])} has {int(counts[bad[0]])} bytes (must be 0)")
+    return counts
+
+
+def read_byte_sidecars(directory, split: str = "val", bos_id: int = 1) -> tuple[np.ndarray, np.ndarray]:
+    """(tokens, byte counts) of a whole split, every sidecar checked against its token shard.
+
+    ValueError if there are no token shards or any token shard has no sidecar.
+    """
+    shards = token_shards(directory, split)
+    if not shards:
+        raise ValueError(f"{directory}: no fineweb_{split}_*.bin token shards")
+    toks, counts = [], []
+    for shard in shards:
+        side = sidecar_path(shard)
+        if not side.is_file():
+            raise ValueError(f"{shard}: no byte sidecar {side.name} next to it")
+        t = read_shard(shard)
+        toks.append(t)
+        counts.append(read_byte_sidecar(side, tokens=t, bos_id=bos_id))
+    return np.concatenate(toks), np.concatenate(counts)
