@@ -305,7 +305,7 @@ def load_shard(path: str) -> np.ndarray:
     return np.fromfile(path, dtype="<u2", count=n, offset=header_bytes)
 
 def list_shards(pattern: str) -> list[str]:
-    files = sorted(glob.glob(pattern))
+    files = sorted(f for f in glob.glob(pattern) if "_bytes_" not in os.path.basename(f))  # not byte sidecars
     if not files:
         raise FileNotFoundError(f"no shards match {pattern}")
     return files
@@ -366,6 +366,23 @@ def load_validation_tokens(pattern: str, seq_len: int, vocab_size: int, max_toke
         raise ValueError(f"validation split {pattern} is shorter than one sequence of {seq_len} tokens")
     return torch.from_numpy(tokens[:usable + 1].astype(np.int64))
 
+def load_byte_sidecar(pattern: str, n_tokens: int) -> torch.Tensor | None:
+    """CaseOps byte sidecars, fineweb_val_bytes_X.bin beside each fineweb_val_X.bin (the shard format, one uint16 per
+    token: the original UTF-8 bytes it stands for), cut to the first n_tokens; None when there are none."""
+    shards = list_shards(pattern)
+    sidecars = [os.path.join(os.path.dirname(f), os.path.basename(f).replace("_val_", "_val_bytes_", 1))
+                for f in shards]
+    if not any(map(os.path.isfile, sidecars)):
+        return None
+    counts = []
+    for shard, sidecar in zip(shards, sidecars):
+        if not os.path.isfile(sidecar):
+            raise FileNotFoundError(f"byte sidecar {sidecar} is missing (other validation shards have one)")
+        counts.append(load_shard(sidecar))
+        if counts[-1].size != (n := int(np.fromfile(shard, dtype="<i4", count=3)[2])):
+            raise ValueError(f"byte sidecar {sidecar} holds {counts[-1].size} counts, its shard {shard} {n} tokens")
+    return torch.from_numpy(np.concatenate(counts)[:n_tokens].astype(np.int32))
+
 def build_byte_luts(sp: spm.SentencePieceProcessor, vocab_size: int, device=None):
     """Per-token byte tables (TECHNIQUES.md 13.1): bytes(y | x) = base[y] + (space[y] and not boundary[x])."""
     if sp.vocab_size() != vocab_size:
@@ -381,7 +398,13 @@ def build_byte_luts(sp: spm.SentencePieceProcessor, vocab_size: int, device=None
         base[i] = 1 if sp.is_byte(i) else len(piece[int(space[i]):].encode("utf-8"))  # byte-fallback pieces: 1
     return tuple(torch.tensor(a, device=device) for a in (base, space, boundary))
 
-def target_bytes(prev: torch.Tensor, tgt: torch.Tensor, luts) -> torch.Tensor:
+def target_bytes(prev: torch.Tensor, tgt: torch.Tensor, luts, pos=None) -> torch.Tensor:
+    """UTF-8 bytes of each target: from a byte sidecar (a 4th entry of luts, indexed by token position; pos: the
+    inputs' positions, the target being token pos+1), else from the tokenizer's tables."""
+    if len(luts) == 4:
+        if pos is None:
+            raise ValueError("counting bytes from a sidecar needs the targets' positions")
+        return luts[3][(pos + 1).clamp_max(luts[3].numel() - 1)].to(torch.int64)
     base, space, boundary = luts
     return base[tgt].to(torch.int64) + (space[tgt] & ~boundary[prev]).to(torch.int64)
 
@@ -1051,11 +1074,11 @@ class Scores:
     def __init__(self, device):
         self.sums = torch.zeros(3, dtype=torch.float64, device=device)
 
-    def add(self, nll: torch.Tensor, prev: torch.Tensor, tgt: torch.Tensor, luts, mask=None):
+    def add(self, nll: torch.Tensor, prev: torch.Tensor, tgt: torch.Tensor, luts, mask=None, pos=None):
         mask = torch.ones_like(nll, dtype=torch.bool) if mask is None else mask
         self.sums[0] += torch.where(mask, nll.double(), 0.0).sum()
         self.sums[1] += mask.sum()
-        self.sums[2] += torch.where(mask, target_bytes(prev, tgt, luts), 0).sum()
+        self.sums[2] += torch.where(mask, target_bytes(prev, tgt, luts, pos), 0).sum()
 
     def reduce(self, world_size: int) -> "Scores":
         if world_size > 1:
@@ -1104,7 +1127,7 @@ def score_windows(model, tokens, windows, seq_len, batch_seqs, luts, rt: Runtime
         with rt.autocast():
             nll = model(x, y, reduction="none")
         mask = (pos[:, :-1] >= w[:, 1:2]) & (pos[:, :-1] < w[:, 2:3])
-        scores.add(nll, x, y, luts, mask)
+        scores.add(nll, x, y, luts, mask, pos[:, :-1])
 
 def eval_sliding(model, tokens, seq_len, stride, batch_seqs, luts, rt: Runtime) -> Scores:
     windows = sliding_windows(tokens.numel() - 1, seq_len, stride)
@@ -1245,7 +1268,7 @@ def score_lora_batch(model, tokens, batch_docs, h: Hyperparameters, luts, rt: Ru
         scored = (pos >= lo) & (pos < hi)
         with rt.autocast():
             nll = model(x, y, reduction="none").float()
-        scores.add(nll.detach(), x, y, luts, scored)
+        scores.add(nll.detach(), x, y, luts, scored, pos)
         learn = scored & (hi < end)
         if not bool(learn.any()):
             continue
@@ -1295,7 +1318,9 @@ def prime_eval_graphs(model, h: Hyperparameters, luts, rt: Runtime):
     n, chunk = max(h.train_seq_len, h.eval_seq_len) + h.ttt_lora_chunk, h.ttt_lora_chunk
     tokens = torch.randint(2, h.vocab_size, (n + 1,), generator=torch.Generator().manual_seed(0)).to(device)
     tokens[0] = BOS_ID
-    for seq_len, stride in {(h.train_seq_len, h.train_seq_len), (h.eval_seq_len, h.eval_stride)}:
+    shapes = {(h.train_seq_len, h.train_seq_len)}  # the round trip's windows; sliding ones too when they are used
+    shapes |= {(h.eval_seq_len, h.eval_stride)} if h.sliding_eval or (h.ttt and h.ttt_mode == "chunked") else set()
+    for seq_len, stride in shapes:
         score_windows(model, tokens, sliding_windows(n, seq_len, stride)[:1], seq_len, h.val_batch_seqs, luts, rt,
                       Scores(device))
     if h.ttt and h.ttt_mode != "lora":  # chunked SGD and phased global SGD: one graph
@@ -1570,15 +1595,17 @@ def main():
     if not os.path.isfile(h.tokenizer_path):
         raise FileNotFoundError(f"tokenizer {h.tokenizer_path} does not exist (TOKENIZER_PATH)")
     luts = build_byte_luts(spm.SentencePieceProcessor(model_file=h.tokenizer_path), h.vocab_size, rt.device)
-    val_tokens = load_validation_tokens(os.path.join(h.data_path, "fineweb_val_*.bin"), h.train_seq_len,
-                                        h.vocab_size, h.val_max_tokens).to(rt.device)
+    val_pattern = os.path.join(h.data_path, "fineweb_val_*.bin")
+    val_tokens = load_validation_tokens(val_pattern, h.train_seq_len, h.vocab_size, h.val_max_tokens).to(rt.device)
+    sidecar = load_byte_sidecar(val_pattern, val_tokens.numel())
+    luts = luts if sidecar is None else (*luts, sidecar.to(rt.device))
     gpu = torch.cuda.get_device_name(rt.device) if rt.device.type == "cuda" else "none"
     sha = hashlib.sha256(open(os.path.abspath(__file__), "rb").read()).hexdigest()
     log(f"provenance code_sha256:{sha} torch:{torch.__version__} cuda:{torch.version.cuda or 'none'} gpu:{gpu} "
         f"gpus:{torch.cuda.device_count()} world:{rt.world}")
     n_train = len(glob.glob(os.path.join(h.data_path, "fineweb_train_*.bin"))) if not h.eval_only else 0
-    log(f"data train_shards:{n_train} val_shards:{len(glob.glob(os.path.join(h.data_path, 'fineweb_val_*.bin')))} "
-        f"val_tokens:{val_tokens.numel() - 1} val_max_tokens:{h.val_max_tokens}")
+    log(f"data train_shards:{n_train} val_shards:{len(list_shards(val_pattern))} val_tokens:{val_tokens.numel() - 1} "
+        f"val_max_tokens:{h.val_max_tokens} byte_source:{'tokenizer_tables' if sidecar is None else 'sidecar'}")
     guard, pre_quant = CompileGuard(), None
     if not h.eval_only:
         model = GPT(h).to(rt.device)

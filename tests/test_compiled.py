@@ -42,9 +42,9 @@ RUN_KNOBS = {**MODEL_KNOBS,
              "TTT_CHUNK_TOKENS": "128", "TTT_EPOCHS": "1", "TTT_BATCH_SEQS": str(ROWS), "VAL_LOSS_EVERY": "0",
              "TRAIN_LOG_EVERY": "1", "RUN_ID": "test", "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
 # Graphs dynamo compiles in each phase of that run: warmup primes the training step unlooped and looped (2),
-# validation unlooped and looped (2) and Newton-Schulz (1); nothing after warmup; the final evaluations reuse the
-# looped validation graph; TTT adds its training forward (grad mode, per-token losses).
-EXPECTED_GRAPHS = {"train": 5, "training": 0, "eval": 0, "ttt": 1}
+# validation unlooped and looped (2), Newton-Schulz (1) and, on synthetic tokens, TTT's training forward (grad mode,
+# per-token losses); nothing after warmup: the final evaluations and TTT reuse the primed graphs.
+EXPECTED_GRAPHS = {"train": 6, "training": 0, "eval": 0, "ttt": 0}
 
 FINAL_LINE = re.compile(r"^final_(\w+) val_loss:(\S+) val_bpb:(\S+) tokens:(\d+) bytes:(\d+)", re.M)
 SUMMARY_LINE = re.compile(r"^compile: graphs (.*) recompiles:(\d+)$", re.M)
@@ -95,7 +95,8 @@ def compiled_run(sample_data, tmp_path_factory):
 def test_compiled_run_goes_through_every_phase(compiled_run):
     log = _ok(compiled_run)
     assert re.search(r"^run_id:test .* world:2 grad_accum:4 compile:1 autocast:torch.bfloat16", log, re.M)
-    assert re.search(r"^warmup: 2 priming steps run and undone; graphs compiled:\d+$", log, re.M)
+    assert re.search(r"^warmup: 2 priming steps run and undone, evaluation graphs primed on synthetic tokens; "
+                     r"graphs compiled:\d+$", log, re.M)
     assert re.search(r"^qat:on step:2 ", log, re.M) and re.search(r"^looping:on step:2 .*layers:\[0, 1, 1\]", log, re.M)
     assert "training stopped step:4 " in log
     assert "averaging:ema decay:0.9 applied:yes" in log
@@ -135,7 +136,8 @@ def test_eval_only_reproduces_the_roundtrip_score(compiled_run):
     again = {m[0]: m[1:] for m in FINAL_LINE.findall(log)}
     assert sorted(again) == ["roundtrip"], again
     assert again["roundtrip"][:4] == in_run["roundtrip"][:4], (in_run["roundtrip"], again["roundtrip"])
-    assert re.search(r"^compile: graphs eval:1 recompiles:0$", log, re.M), SUMMARY_LINE.search(log)
+    assert re.search(r"^eval_only: evaluation graphs primed on synthetic tokens; graphs compiled:1$", log, re.M)
+    assert re.search(r"^compile: graphs train:1 eval:0 recompiles:0$", log, re.M), SUMMARY_LINE.search(log)
 
 
 # ---- in process ---------------------------------------------------------------------------------------------------
