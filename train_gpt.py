@@ -1453,9 +1453,10 @@ def main():
     val_tokens = load_validation_tokens(os.path.join(h.data_path, "fineweb_val_*.bin"), h.train_seq_len,
                                         h.vocab_size, h.val_max_tokens).to(rt.device)
     gpu = torch.cuda.get_device_name(rt.device) if rt.device.type == "cuda" else "none"
-    sha = hashlib.sha256(open(os.path.abspath(__file__), "rb").read()).hexdigest()
-    log(f"provenance code_sha256:{sha} torch:{torch.__version__} cuda:{torch.version.cuda or 'none'} gpu:{gpu} "
-        f"gpus:{torch.cuda.device_count()} world:{rt.world}")
+    src = globals().get("_PACKED_SOURCE") or open(os.path.abspath(__file__), "rb").read()  # packed: the inner source
+    packed = f" packed_bytes:{code_bytes()} source_bytes:{len(src)}" if "_PACKED_SOURCE" in globals() else ""
+    log(f"provenance code_sha256:{hashlib.sha256(src).hexdigest()} torch:{torch.__version__} "
+        f"cuda:{torch.version.cuda or 'none'} gpu:{gpu} gpus:{torch.cuda.device_count()} world:{rt.world}{packed}")
     n_train = len(glob.glob(os.path.join(h.data_path, "fineweb_train_*.bin"))) if not h.eval_only else 0
     log(f"data train_shards:{n_train} val_shards:{len(glob.glob(os.path.join(h.data_path, 'fineweb_val_*.bin')))} "
         f"val_tokens:{val_tokens.numel() - 1} val_max_tokens:{h.val_max_tokens}")
