@@ -64,7 +64,7 @@ def decompress(data: bytes, codec: str) -> bytes:
 
 
 # The packed file, line by line (kept short: every byte is counted). Lines 3-5 run the source in this module's
-# namespace; the __file__ fallback covers exec() of the packed text without a file.
+# namespace, as a file: python / torchrun / import set __file__.
 _TEMPLATE = (
     "{marker}: {codec}+base85, inner sha256 {sha} ({n} bytes); see bench/pack_code.py\n"
     "import base64,linecache,{codec}\n"
