@@ -117,14 +117,18 @@ def test_packed_module_runs_like_the_readable_file(tmp_path):
 @pytest.fixture(scope="module")
 def runs(sample_data, tmp_path_factory):
     """A short training run of the readable file (its in-run scores are the artifact's), then EVAL_ONLY of its
-    artifact from the packed file in one process and in two."""
+    artifact from the packed file in one process and in two, and from a minified packed file."""
     work = tmp_path_factory.mktemp("pack_runs")
     packed = work / "packed" / "train_gpt.py"
     packed.parent.mkdir()
     packed.write_bytes(pc.pack(SOURCE))
+    minified = work / "minified" / "train_gpt.py"
+    minified.parent.mkdir()
+    minified.write_bytes(pc.pack(pc.minify(SOURCE)))
     out = {"work": work, "packed": packed}
     cmds = {"train": ([sys.executable, str(SCRIPT)], {"ITERATIONS": "3"}),
             "eval1": ([sys.executable, str(packed)], {"EVAL_ONLY": "1"}),
+            "eval_min": ([sys.executable, str(minified)], {"EVAL_ONLY": "1"}),
             "eval2": ([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                        str(packed)], {"EVAL_ONLY": "1"})}
     for name, (cmd, extra) in cmds.items():
@@ -152,6 +156,14 @@ def _finals(log: str) -> list[str]:
 def test_packed_eval_only_reproduces_the_readable_scores(runs):
     readable, packed = _ok(runs["train"]), _ok(runs["eval1"])
     assert _finals(packed) == _finals(readable)  # every printed digit
+
+
+def test_minified_packed_eval_only_reproduces_the_readable_scores(runs):
+    """--minify is a separate option: the minified source runs to the same scores, under its own hash."""
+    readable, minified = _ok(runs["train"]), _ok(runs["eval_min"])
+    assert _finals(minified) == _finals(readable)
+    prov = parse_log(minified)["provenance"]
+    assert prov["code_sha256"] == hashlib.sha256(pc.minify(SOURCE)).hexdigest() != hashlib.sha256(SOURCE).hexdigest()
 
 
 def test_packed_run_logs_its_bytes_and_the_inner_hash(runs):
