@@ -1600,9 +1600,10 @@ def main():
     sidecar = load_byte_sidecar(val_pattern, val_tokens.numel())
     luts = luts if sidecar is None else (*luts, sidecar.to(rt.device))
     gpu = torch.cuda.get_device_name(rt.device) if rt.device.type == "cuda" else "none"
-    sha = hashlib.sha256(open(os.path.abspath(__file__), "rb").read()).hexdigest()
-    log(f"provenance code_sha256:{sha} torch:{torch.__version__} cuda:{torch.version.cuda or 'none'} gpu:{gpu} "
-        f"gpus:{torch.cuda.device_count()} world:{rt.world}")
+    src = globals().get("_PACKED_SOURCE") or open(os.path.abspath(__file__), "rb").read()  # packed: the inner source
+    packed = f" packed_bytes:{code_bytes()} source_bytes:{len(src)}" if "_PACKED_SOURCE" in globals() else ""
+    log(f"provenance code_sha256:{hashlib.sha256(src).hexdigest()} torch:{torch.__version__} "
+        f"cuda:{torch.version.cuda or 'none'} gpu:{gpu} gpus:{torch.cuda.device_count()} world:{rt.world}{packed}")
     n_train = len(glob.glob(os.path.join(h.data_path, "fineweb_train_*.bin"))) if not h.eval_only else 0
     log(f"data train_shards:{n_train} val_shards:{len(list_shards(val_pattern))} val_tokens:{val_tokens.numel() - 1} "
         f"val_max_tokens:{h.val_max_tokens} byte_source:{'tokenizer_tables' if sidecar is None else 'sidecar'}")

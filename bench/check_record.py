@@ -8,8 +8,9 @@ Prints one line per check, PASS / FAIL / NOTE and a short message naming the pro
 (--artifact points at it elsewhere). Checks:
 
   files          the required files are present
-  compile        train_gpt.py compiles
-  code_sha256    every log's provenance code_sha256 equals sha256(train_gpt.py)
+  compile        train_gpt.py compiles (packed by bench/pack_code.py: it unpacks, without running, and both the
+                 wrapper and the inner source compile)
+  code_sha256    every log's provenance code_sha256 equals sha256(train_gpt.py), or of its inner source if packed
   bytes_code     every log's bytes_code equals the size of train_gpt.py (its UTF-8 bytes)
   bytes_total    per log: bytes_model + size(train_gpt.py) == logged bytes_total <= 16,000,000 (decimal); with an
                  artifact, size(artifact) + size(train_gpt.py) must equal one log's bytes_total, and be <= 16,000,000
@@ -40,6 +41,7 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import pack_code  # noqa: E402
 from run_bench import parse_log  # noqa: E402
 from significance import mean_std, one_sample_greater  # noqa: E402
 
@@ -158,28 +160,37 @@ def check_files(folder: str, logs: list[Log]) -> list[Check]:
 
 
 def check_code(folder: str, logs: list[Log]) -> list[Check]:
-    """train_gpt.py compiles; every log's code_sha256 is its sha256."""
+    """train_gpt.py compiles; every log's code_sha256 is its sha256. A packed train_gpt.py (bench/pack_code.py) is
+    read without running it: the wrapper and its inner source must compile, and the logs' code_sha256 is the inner
+    source's sha256 (what a run of the packed file logs)."""
     code = os.path.join(folder, "train_gpt.py")
     if not os.path.isfile(code):
         return [Check("compile", FAIL, "train_gpt.py missing: nothing to compile or hash")]
     with open(code, "rb") as f:
         src = f.read()
-    out = []
+    out, what = [], "train_gpt.py"
     try:
         compile(src, code, "exec", dont_inherit=True)
-        out.append(Check("compile", PASS, f"train_gpt.py compiles ({len(src):,} bytes)"))
-    except (SyntaxError, ValueError) as e:
-        out.append(Check("compile", FAIL, f"train_gpt.py does not compile: {e}"))
+        if pack_code.is_packed(src):
+            info = pack_code.parse_packed(src)
+            compile(info["source"], code, "exec", dont_inherit=True)
+            what = "train_gpt.py's inner source"
+            out.append(Check("compile", PASS, f"train_gpt.py is packed ({info['codec']}, {len(src):,} bytes); it "
+                             f"and its inner source ({info['source_bytes']:,} bytes) compile"))
+            src = info["source"]
+        else:
+            out.append(Check("compile", PASS, f"train_gpt.py compiles ({len(src):,} bytes)"))
+    except (SyntaxError, ValueError) as e:  # PackError is a ValueError
+        out.append(Check("compile", FAIL, f"train_gpt.py does not compile or unpack: {e}"))
     sha = hashlib.sha256(src).hexdigest()
     for log in logs:
         logged = log.prov.get("code_sha256")
         if "provenance" not in log.parsed:
             out.append(Check("code_sha256", FAIL, "log has no provenance line", log.name))
         elif logged != sha:
-            out.append(Check("code_sha256", FAIL, f"code_sha256 mismatch: log {logged} != train_gpt.py {sha}",
-                             log.name))
+            out.append(Check("code_sha256", FAIL, f"code_sha256 mismatch: log {logged} != {what} {sha}", log.name))
         else:
-            out.append(Check("code_sha256", PASS, f"code_sha256 matches train_gpt.py ({sha[:12]}...)", log.name))
+            out.append(Check("code_sha256", PASS, f"code_sha256 matches {what} ({sha[:12]}...)", log.name))
     return out
 
 
@@ -189,6 +200,8 @@ def check_bytes(folder: str, logs: list[Log], artifact: str | None = None) -> li
     if not os.path.isfile(code):
         return [Check("bytes_total", FAIL, "train_gpt.py missing: cannot count code bytes")]
     code_bytes = os.path.getsize(code)
+    with open(code, "rb") as f:
+        packed = pack_code.is_packed(f.read(len(pack_code.MARKER)))
     out = []
     for log in logs:
         p = log.parsed
@@ -196,8 +209,13 @@ def check_bytes(folder: str, logs: list[Log], artifact: str | None = None) -> li
         if logged_code is None:
             out.append(Check("bytes_code", FAIL, "log has no bytes_code line", log.name))
         elif logged_code != code_bytes:
+            hint = ""
+            if log.prov.get("packed_bytes") is None and packed:
+                hint = " (train_gpt.py is packed but the log's run was not: run the packed file)"
+            elif log.prov.get("packed_bytes") is not None and not packed:
+                hint = " (the log's run was of a packed file: put that packed train_gpt.py in the folder)"
             out.append(Check("bytes_code", FAIL, f"bytes_code mismatch: log {logged_code:,} != train_gpt.py "
-                             f"{code_bytes:,} bytes", log.name))
+                             f"{code_bytes:,} bytes{hint}", log.name))
         else:
             out.append(Check("bytes_code", PASS, f"bytes_code {code_bytes:,} = size of train_gpt.py", log.name))
         if logged_total is None or logged_model is None:

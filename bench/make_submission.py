@@ -13,6 +13,13 @@ submission.json: val_bpb / val_loss (and the pre-quant / roundtrip / sliding / T
 seeds, with a per-seed list under `seed_results`; bytes_total (and its bytes_model / bytes_code) come from the
 largest log; seeds is the sorted seed list; train/eval seconds are the largest over the seeds; steps the mean.
 --table prints a markdown results table (one row per seed, then mean and std) for the README instead of the JSON.
+
+Record folder: --record-dir DIR writes DIR/train_gpt.py (the code the logs ran: --code PATH, else the repository's
+train_gpt.py packed by bench/pack_code.py with the codec, readable or minified, whose size and inner hash the logs
+show), copies the logs into DIR, writes DIR/submission.json and, unless DIR has one, a README.md skeleton (results
+table, code bytes readable vs packed, how to unpack). It refuses when the logs' code_sha256 / bytes_code do not
+match the code it would write: the logs must come from a run of that very file (for a packed record, the packed
+file: `python bench/pack_code.py --out /tmp/packed/train_gpt.py`, then torchrun that file).
 """
 from __future__ import annotations
 
@@ -20,9 +27,11 @@ import argparse
 import datetime
 import json
 import os
+import shutil
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import pack_code  # noqa: E402
 from run_bench import parse_log, summarize  # noqa: E402
 from significance import mean_std  # noqa: E402
 
@@ -177,6 +186,68 @@ def results_table(runs: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def code_candidates(code: str | None) -> list[tuple[str, bytes]]:
+    """(label, file bytes) a record's train_gpt.py could be: the --code file as it is, else the repository's
+    readable train_gpt.py as it is and packed by each codec, readable and minified."""
+    if code is not None:
+        with open(code, "rb") as f:
+            return [(code, f.read())]
+    with open(pack_code.DEFAULT_SOURCE, "rb") as f:
+        source = f.read()
+    out = [("train_gpt.py (readable)", source)]
+    for form, inner in (("readable", source), ("minified", pack_code.minify(source))):
+        out += [(f"train_gpt.py packed ({codec}, {form})", pack_code.pack(inner, codec)) for codec in pack_code.CODECS]
+    return out
+
+
+def pick_code(runs: list[dict], code: str | None) -> tuple[str, bytes]:
+    """The candidate whose code_sha256 (inner source's if packed) and bytes_code every log shows."""
+    tried = []
+    for label, data in code_candidates(code):
+        ident = pack_code.code_identity(data)
+        if all(s.get("code_sha256") == ident["code_sha256"] and s.get("bytes_code") == ident["bytes_code"]
+               for s in runs):
+            return label, data
+        tried.append(f"{label}: sha256 {ident['code_sha256'][:12]}... {ident['bytes_code']:,} bytes")
+    logged = "; ".join(f"{_name(s)}: sha256 {(s.get('code_sha256') or 'none')[:12]}... bytes_code "
+                       f"{s.get('bytes_code')}" for s in runs)
+    raise SubmissionError(f"no code matches the logs ({logged}); tried {'; '.join(tried)}. The logs must come from a "
+                          "run of the file the record holds (pass it with --code)")
+
+
+def record_readme(args, sub: dict, runs: list[dict], label: str, data: bytes) -> str:
+    ident = pack_code.code_identity(data)
+    lines = [f"# {args.name}", "", sub.get("blurb") or "", "",
+             f"val_bpb {sub['val_bpb']:.8f} (mean over seeds {sub['seeds']}), bytes_total {sub['bytes_total']:,} "
+             f"(largest seed), hardware: {args.hardware}, data: {args.data}.", "", "## Results", "",
+             results_table(runs), "", "## Code bytes", "",
+             "| train_gpt.py | bytes |", "|---|---:|", f"| readable source (sha256 `{ident['code_sha256']}`) | "
+             f"{ident['source_bytes']:,} |", f"| submitted ({label}) | {ident['bytes_code']:,} |", ""]
+    if ident["packed"]:
+        lines += ["train_gpt.py is a self-extracting file: it decompresses the source "
+                  f"({ident['codec']} + base85) and runs it. The readable source: "
+                  "`python bench/pack_code.py --unpack train_gpt.py` (or the project's repository); its sha256 is the "
+                  "`code_sha256` of every log's provenance line, and `bytes_code` the packed file's size.", ""]
+    lines += ["Reproduce: `SEED=<seed> torchrun --standalone --nproc_per_node=8 train_gpt.py` per seed.", ""]
+    return "\n".join(lines)
+
+
+def write_record(runs: list[dict], args, out: dict) -> str:
+    label, data = pick_code(runs, args.code)
+    os.makedirs(args.record_dir, exist_ok=True)
+    with open(os.path.join(args.record_dir, "train_gpt.py"), "wb") as f:
+        f.write(data)
+    for s in runs:
+        dest = os.path.join(args.record_dir, _name(s))
+        if os.path.abspath(dest) != os.path.abspath(s["log"]):
+            shutil.copyfile(s["log"], dest)
+    readme = os.path.join(args.record_dir, "README.md")
+    if not os.path.exists(readme):
+        with open(readme, "w", encoding="utf-8") as f:
+            f.write(record_readme(args, out, runs, label, data))
+    return label
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("logs", nargs="+", metavar="LOG", help="one train_gpt.py log per seed")
@@ -187,12 +258,20 @@ def main(argv=None) -> int:
     ap.add_argument("--data", required=True, help='e.g. "FineWeb sp1024" or "stand-in Wikipedia corpus"')
     ap.add_argument("--blurb", default=None, help="one-paragraph summary (default: --note)")
     ap.add_argument("--note", default="")
-    ap.add_argument("--out", default="submission.json")
+    ap.add_argument("--out", default=None, help="default: submission.json (DIR/submission.json with --record-dir)")
     ap.add_argument("--table", action="store_true", help="print a markdown results table instead of the JSON")
+    ap.add_argument("--record-dir", metavar="DIR", help="write a record folder: train_gpt.py, logs, submission.json, "
+                    "README.md")
+    ap.add_argument("--code", metavar="PATH", help="with --record-dir: the train_gpt.py the logs ran (packed or not)")
     args = ap.parse_args(argv)
+    if args.out is None:
+        args.out = os.path.join(args.record_dir, "submission.json") if args.record_dir else "submission.json"
     try:
         runs = [load(p) for p in args.logs]
         out = build(runs, args)
+        if args.record_dir:
+            label = write_record(runs, args, out)
+            print(f"make_submission: record folder {args.record_dir}: train_gpt.py = {label}", file=sys.stderr)
     except OSError as e:
         print(f"make_submission: {e}", file=sys.stderr)
         return 2

@@ -135,6 +135,7 @@ def _seconds(text):
 
 # New-format lines (see bench/README.md, "Log lines the record tools read"):
 #   provenance code_sha256:<hex> torch:<ver> cuda:<ver|none> gpu:<device name|none> gpus:<N> world:<N>
+#              [packed_bytes:<N> source_bytes:<N>]   (run from a packed train_gpt.py; code_sha256 = the inner source's)
 #   data train_shards:N val_shards:N val_tokens:N val_max_tokens:N
 #   clock_train: training 588.9s + calibration 3.2s = 592.1s limit:600s
 #   clock_eval: total 114.5s limit:600s world:1 est_8gpu:14.3s (estimate)
@@ -158,6 +159,9 @@ def parse_log(text: str) -> dict:
                                  "cuda": None if kv.get("cuda") in (None, "none") else kv.get("cuda"),
                                  "gpu": None if gpu in (None, "", "none") else gpu,
                                  "gpus": _num(kv.get("gpus")), "world": _num(kv.get("world"))}
+            if "packed_bytes" in kv:  # run from a packed file (bench/pack_code.py): its size, the inner source's
+                out["provenance"].update(packed_bytes=_num(kv["packed_bytes"]),
+                                         source_bytes=_num(kv.get("source_bytes")))
         elif line.startswith("data ") and ("val_tokens:" in line or "train_shards:" in line):
             out["data"] = {k: _num(v) for k, v in _kv(line).items()}
         elif m := _CLOCK_TRAIN.match(line):
