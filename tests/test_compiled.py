@@ -296,9 +296,10 @@ def test_primed_graphs_cover_every_evaluation_pass(fresh_dynamo, eval_setup, mod
     train_gpt.prime_eval_graphs(evaluator, h, luts, rt)
     primed, _ = guard.mark("prime")
     assert primed >= 2 and all(torch.equal(a, p) for a, p in zip(before, model.parameters()))  # weights unchanged
-    tokens = val[:1501]
-    docs = train_gpt.documents(tokens)
-    assert len(docs) > 2 * h.ttt_lora_docs and min(e - s for s, e in docs) < 4  # short documents: small windows
+    lengths = [1, 2, 3, 6, 11, 20, 35, 50] * 3  # documents of every size: LoRA windows of every length
+    tokens = val[:sum(lengths) + 1].clone()
+    tokens[torch.tensor([0] + lengths[:-1]).cumsum(0)] = train_gpt.BOS_ID
+    assert [e - s for s, e in train_gpt.documents(tokens)] == lengths
     train_gpt.eval_plain(evaluator, tokens, h.train_seq_len, h.val_batch_seqs, luts, rt)
     train_gpt.eval_sliding(evaluator, tokens, h.eval_seq_len, h.eval_stride, h.val_batch_seqs, luts, rt)
     if mode == "chunked":
