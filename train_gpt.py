@@ -127,7 +127,7 @@ class Hyperparameters:
     passthrough_max_numel: int = 65_536
     gptq: bool = True
     gptq_embed: bool = False  # GPTQ on the tied embedding, with the Hessian of the head's input
-    gptq_calib_seqs: int = 64
+    gptq_calib_tokens: int = 131_072  # all ranks together, in TRAIN_SEQ_LEN windows drawn over all training shards
     gptq_reserve_seconds: float = 12.0
     lqer_rank: int = 0  # low-rank correction of the quantization error of the LQER_TENSORS worst tensors; 0 = off
     lqer_tensors: int = 3
@@ -183,7 +183,7 @@ class Hyperparameters:
                 raise KnobError(f"{name.upper()}={getattr(self, name)!r} is not one of {allowed}")
         for name in ("num_layers", "model_dim", "num_heads", "num_kv_heads", "vocab_size", "train_seq_len",
                      "train_batch_tokens", "eval_seq_len", "eval_stride", "val_batch_seqs", "ttt_chunk_tokens",
-                     "ttt_batch_seqs", "gptq_calib_seqs", "swa_every", "muon_ns_steps", "ttt_lora_rank",
+                     "ttt_batch_seqs", "gptq_calib_tokens", "swa_every", "muon_ns_steps", "ttt_lora_rank",
                      "ttt_lora_chunk", "ttt_lora_docs", "ttt_phases", "lqer_tensors"):
             if getattr(self, name) <= 0:
                 raise KnobError(f"{name.upper()} must be positive, got {getattr(self, name)}")
@@ -213,6 +213,7 @@ REMOVED_KNOBS = dict.fromkeys(("BITPACK", "COMPRESSOR", "OVERTONE_INIT", "TTT_OP
     "MUON_WD_TAPER_TO"), "it is a constant now, or measurement showed it useless (see the README)")
 REMOVED_KNOBS["QUANT_CLIP"] = "SDClip is the only clip rule: it beat the per-row error search at equal bytes (README)"
 REMOVED_KNOBS["PRUNE_FRAC"] = "magnitude pruning moved val_bpb by < 0.0005 at equal bytes; cut for the line budget"
+REMOVED_KNOBS["GPTQ_CALIB_SEQS"] = "GPTQ_CALIB_TOKENS: a token count (the record: 16 x 48 x 2048 = 1572864)"
 REMOVED_KNOBS["DRY_RUN"] = "the dry run is `python bench/dry_run.py [KNOB=VALUE ...]`"
 BOOL_WORDS = {"1": True, "true": True, "yes": True, "on": True, "0": False, "false": False, "no": False, "off": False}
 
@@ -251,7 +252,7 @@ PRESETS: dict[str, dict[str, object]] = {
         MUON_NS_COEFFS="polar", MATRIX_LR=0.026, SCALAR_LR=0.02, EMBED_LR=0.03, MUON_MOMENTUM=0.97, MUON_WD=0.095,
         MUON_WD_TAPER_FROM=0.7, EMBED_WD=0.085, ADAM_WD=0.02, BETA2=0.99, WARMDOWN_FRAC=0.85, MIN_LR_FRAC=0.1,
         EMA_DECAY=0.9965, QAT=0, QUANT_MLP_BITS=6, QUANT_EMBED_BITS=7, SDCLIP_ATTN_K=13, SDCLIP_MLP_K=11.5,
-        SDCLIP_EMBED_K=14, QUANT_SMALL_BITS=8, GPTQ_EMBED=1, GPTQ_CALIB_SEQS=16, GPTQ_RESERVE_SECONDS=8,
+        SDCLIP_EMBED_K=14, QUANT_SMALL_BITS=8, GPTQ_EMBED=1, GPTQ_CALIB_TOKENS=1_572_864, GPTQ_RESERVE_SECONDS=8,
         LQER_RANK=4, TTT_MODE="phased", TTT_LR=0.001, TTT_EPOCHS=1, TRAIN_DOC_ROWS=1),
     "short": dict(
         MATRIX_LR=0.04, SCALAR_LR=0.04, EMBED_LR=0.05, MUON_MOMENTUM=0.95, MUON_MOMENTUM_WARMUP_START=0.85,
@@ -1397,11 +1398,16 @@ def train_model(h: Hyperparameters, model: GPT, rt: Runtime, log, val_tokens, lu
 def calibrate(h: Hyperparameters, model: GPT, rt: Runtime, log, train_time: float):
     """GPTQ Hessians and temperature from training tokens; fails past MAX_WALLCLOCK_SECONDS with training."""
     t0, hessians, temperature, calibrating = time.perf_counter(), None, 1.0, h.gptq or h.fit_temperature
-    if calibrating:  # the first GPTQ_CALIB_SEQS training sequences, shared out over the ranks
-        x, y = DistributedTokenLoader(os.path.join(h.data_path, "fineweb_train_*.bin"), h.vocab_size, 0, 1, rt.device,
-                                      h.gptq_calib_seqs * h.train_seq_len, h.train_seq_len, prefetch=False).next_batch()
-        mine = rank_slice(len(x), rt.rank, rt.world)
-        x, y = x[mine.start:mine.stop], y[mine.start:mine.stop]
+    tf32, torch.backends.cuda.matmul.allow_tf32 = torch.backends.cuda.matmul.allow_tf32, False  # fp32 Hessian products
+    files, T, n, mine = list_shards(os.path.join(h.data_path, "fineweb_train_*.bin")), h.train_seq_len, 0, range(0)
+    if calibrating:  # GPTQ_CALIB_TOKENS in whole windows drawn (seeded, none twice) from all shards, split over ranks
+        per = np.array([(os.path.getsize(f) - 4 * SHARD_HEADER_INTS) // 2 - 1 for f in files]) // T  # windows/shard
+        n, ends = min(max(-(-h.gptq_calib_tokens // T), rt.world), int(per.sum())), np.cumsum(per)
+        picks = np.sort(np.random.default_rng(h.seed).choice(int(per.sum()), n, replace=False))
+        at, mine = np.searchsorted(ends, picks, side="right"), rank_slice(n, rt.rank, rt.world)
+        t = np.stack([load_shard(files[at[i]], int(picks[i] - ends[at[i]] + per[at[i]]) * T, T + 1) for i in mine])
+        check_token_range(t, h.vocab_size, "calibration windows")
+        x, y = (torch.from_numpy(a.astype(np.int64)).to(rt.device) for a in (t[:, :-1], t[:, 1:]))
         batches = [(x[i:i + h.val_batch_seqs], y[i:i + h.val_batch_seqs]) for i in range(0, len(x), h.val_batch_seqs)]
     if h.gptq:
         names = {n for n, p in model.named_parameters() if tensor_bits(n, h) and p.numel() > h.passthrough_max_numel
@@ -1409,16 +1415,17 @@ def calibrate(h: Hyperparameters, model: GPT, rt: Runtime, log, train_time: floa
         hessians = collect_hessians(model, batches, names, rt)
     if h.fit_temperature:
         temperature = fit_temperature(model, batches, rt)
-    seconds = time.perf_counter() - t0
-    log(f"calibration: {h.gptq_calib_seqs if calibrating else 0} training sequences, "
-        f"{len(hessians or {})} Hessians, temperature:{temperature} in {seconds:.1f}s")
+    seconds, torch.backends.cuda.matmul.allow_tf32 = time.perf_counter() - t0, tf32
+    log(f"calibration: {n * T} training tokens ({len(mine) * T} per rank, {len(files)} shards), {len(hessians or {})} "
+        f"Hessians, temperature:{temperature} in {seconds:.1f}s: {len(mine) * T / max(seconds, 1e-9):.0f} tokens/s "
+        f"per rank, reserve:{h.gptq_reserve_seconds if calibrating else 0:g}s")
     estimate = f" est_8gpu_same_steps:{(train_time + seconds) * rt.world / 8:.1f}s (estimate)" if rt.world < 8 else ""
     log(f"clock_train: training {train_time:.1f}s + calibration {seconds:.1f}s = {train_time + seconds:.1f}s "
         f"limit:{h.max_wallclock_seconds:.0f}s{estimate}")
     if calibrating and h.max_wallclock_seconds > 0 and train_time + seconds > h.max_wallclock_seconds:
         raise RuntimeError(f"training + calibration took {train_time + seconds:.1f}s, over MAX_WALLCLOCK_SECONDS "
                            f"{h.max_wallclock_seconds:.0f}s: calibration reads training data, so it must end inside "
-                           f"the budget (raise GPTQ_RESERVE_SECONDS or lower GPTQ_CALIB_SEQS)")
+                           f"the budget (raise GPTQ_RESERVE_SECONDS or lower GPTQ_CALIB_TOKENS)")
     return hessians, temperature
 
 def export_artifact(h: Hyperparameters, model: GPT, rt: Runtime, log, hessians, temperature: float):

@@ -30,7 +30,7 @@ BENCH=(python3 bench/run_bench.py "${DATA[@]}" --nproc 1 --out-dir "$OUT/runs" -
 if [ "${REHEARSE:-0}" = 1 ]; then  # tiny shapes on CPU: the same commands, seconds each
   TINY=(--knob DEVICE=cpu --knob NUM_LAYERS=2 --knob MODEL_DIM=64 --knob NUM_HEADS=4 --knob NUM_KV_HEADS=2
         --knob TRAIN_SEQ_LEN=64 --knob EVAL_SEQ_LEN=64 --knob TRAIN_BATCH_TOKENS=4096 --knob BIGRAM_BUCKETS=256
-        --knob BIGRAM_DIM=16 --knob XSA_LAST_N=1 --knob GPTQ_CALIB_SEQS=4 --knob PASSTHROUGH_MAX_NUMEL=1024
+        --knob BIGRAM_DIM=16 --knob XSA_LAST_N=1 --knob GPTQ_CALIB_TOKENS=256 --knob PASSTHROUGH_MAX_NUMEL=1024
         --knob VAL_BATCH_SEQS=8 --knob TTT_BATCH_SEQS=8 --knob TTT_CHUNK_TOKENS=4096 --knob GPTQ_RESERVE_SECONDS=20)
   SMOKE_S=30 SPEED_S=20
 else
