@@ -1401,7 +1401,7 @@ def calibrate(h: Hyperparameters, model: GPT, rt: Runtime, log, train_time: floa
     tf32, torch.backends.cuda.matmul.allow_tf32 = torch.backends.cuda.matmul.allow_tf32, False  # fp32 Hessian products
     files, T, n, mine = list_shards(os.path.join(h.data_path, "fineweb_train_*.bin")), h.train_seq_len, 0, range(0)
     if calibrating:  # GPTQ_CALIB_TOKENS in whole windows drawn (seeded, none twice) from all shards, split over ranks
-        per = np.array([(os.path.getsize(f) - 4 * SHARD_HEADER_INTS) // 2 - 1 for f in files]) // T  # windows/shard
+        per = np.array([max(os.path.getsize(f) // 2 - 2 * SHARD_HEADER_INTS - 1, 0) // T for f in files])  # windows
         n, ends = min(max(-(-h.gptq_calib_tokens // T), rt.world), int(per.sum())), np.cumsum(per)
         picks = np.sort(np.random.default_rng(h.seed).choice(int(per.sum()), n, replace=False))
         at, mine = np.searchsorted(ends, picks, side="right"), rank_slice(n, rt.rank, rt.world)
