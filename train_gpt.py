@@ -3,6 +3,7 @@ Launch `torchrun --standalone --nproc_per_node=8 train_gpt.py` (or 1 process, or
 setting is an environment variable: see Hyperparameters and PRESETS. Sections follow the data flow."""
 from __future__ import annotations
 
+import bisect
 import contextlib
 import copy
 import datetime
@@ -51,6 +52,7 @@ class Hyperparameters:
     val_max_tokens: int = 0  # 0 = the whole validation split
     train_seq_len: int = 2048
     train_batch_tokens: int = 786_432
+    train_doc_rows: bool = False  # training rows made of whole document pieces (DistributedTokenLoader docs=True)
     iterations: int = 20_000
     max_wallclock_seconds: float = 600.0  # 0 = no cap; the schedule then runs on ITERATIONS
     warmup_steps: int = 20  # compile priming; weights, optimizer and loader are restored afterwards
@@ -127,7 +129,7 @@ class Hyperparameters:
     passthrough_max_numel: int = 65_536
     gptq: bool = True
     gptq_embed: bool = False  # GPTQ on the tied embedding, with the Hessian of the head's input
-    gptq_calib_seqs: int = 64
+    gptq_calib_tokens: int = 131_072  # all ranks together, in TRAIN_SEQ_LEN windows drawn over all training shards
     gptq_reserve_seconds: float = 12.0
     lqer_rank: int = 0  # low-rank correction of the quantization error of the LQER_TENSORS worst tensors; 0 = off
     lqer_tensors: int = 3
@@ -186,7 +188,7 @@ class Hyperparameters:
                 raise KnobError(f"{name.upper()}={getattr(self, name)!r} is not one of {allowed}")
         for name in ("num_layers", "model_dim", "num_heads", "num_kv_heads", "vocab_size", "train_seq_len",
                      "train_batch_tokens", "eval_seq_len", "eval_stride", "val_batch_seqs", "ttt_chunk_tokens",
-                     "ttt_batch_seqs", "gptq_calib_seqs", "swa_every", "muon_ns_steps", "ttt_lora_rank",
+                     "ttt_batch_seqs", "gptq_calib_tokens", "swa_every", "muon_ns_steps", "ttt_lora_rank",
                      "ttt_lora_chunk", "ttt_lora_docs", "ttt_phases", "lqer_tensors"):
             if getattr(self, name) <= 0:
                 raise KnobError(f"{name.upper()} must be positive, got {getattr(self, name)}")
@@ -220,6 +222,7 @@ REMOVED_KNOBS = dict.fromkeys(("BITPACK", "COMPRESSOR", "OVERTONE_INIT", "TTT_OP
     "MUON_WD_TAPER_TO"), "it is a constant now, or measurement showed it useless (see the README)")
 REMOVED_KNOBS["QUANT_CLIP"] = "SDClip is the only clip rule: it beat the per-row error search at equal bytes (README)"
 REMOVED_KNOBS["PRUNE_FRAC"] = "magnitude pruning moved val_bpb by < 0.0005 at equal bytes; cut for the line budget"
+REMOVED_KNOBS["GPTQ_CALIB_SEQS"] = "GPTQ_CALIB_TOKENS: a token count (the record: 16 x 48 x 2048 = 1572864)"
 REMOVED_KNOBS["DRY_RUN"] = "the dry run is `python bench/dry_run.py [KNOB=VALUE ...]`"
 BOOL_WORDS = {"1": True, "true": True, "yes": True, "on": True, "0": False, "false": False, "no": False, "off": False}
 
@@ -259,8 +262,8 @@ PRESETS: dict[str, dict[str, object]] = {
         MUON_NS_COEFFS="polar", MATRIX_LR=0.026, SCALAR_LR=0.02, EMBED_LR=0.03, MUON_MOMENTUM=0.97, MUON_WD=0.095,
         SMEAR_FORM="record", EMBED_WD=0.085, ADAM_WD=0.02, BETA2=0.99, WARMDOWN_FRAC=0.85, MIN_LR_FRAC=0.1,
         EMA_DECAY=0.9965, QAT=0, QUANT_MLP_BITS=6, QUANT_EMBED_BITS=7, SDCLIP_ATTN_K=13, SDCLIP_MLP_K=11.5,
-        SDCLIP_EMBED_K=14, QUANT_SMALL_BITS=8, GPTQ_EMBED=1, GPTQ_CALIB_SEQS=16, GPTQ_RESERVE_SECONDS=8, LQER_RANK=4,
-        TTT_MODE="phased", TTT_LR=0.001, TTT_EPOCHS=1, TTT_LORA_WARM_A=1),
+        SDCLIP_EMBED_K=14, QUANT_SMALL_BITS=8, GPTQ_EMBED=1, GPTQ_CALIB_TOKENS=1_572_864, GPTQ_RESERVE_SECONDS=8,
+        LQER_RANK=4, TTT_MODE="phased", TTT_LR=0.001, TTT_EPOCHS=1, TTT_LORA_WARM_A=1, TRAIN_DOC_ROWS=1),
     "short": dict(
         MATRIX_LR=0.04, SCALAR_LR=0.04, EMBED_LR=0.05, MUON_MOMENTUM=0.95, MUON_MOMENTUM_WARMUP_START=0.85,
         MUON_MOMENTUM_WARMUP_STEPS=100, EMA_DECAY=0.99),
@@ -290,7 +293,7 @@ class Runtime:
 SHARD_MAGIC, SHARD_VERSION, SHARD_HEADER_INTS = 20240520, 1, 256
 BOS_ID = 1
 
-def load_shard(path: str) -> np.ndarray:
+def load_shard(path: str, start: int = 0, count: int = -1) -> np.ndarray:
     header_bytes = SHARD_HEADER_INTS * 4
     size = os.path.getsize(path)
     if size < header_bytes:
@@ -302,7 +305,7 @@ def load_shard(path: str) -> np.ndarray:
     n = int(header[2])
     if n < 0 or size != header_bytes + 2 * n:
         raise ValueError(f"shard {path} declares {n} tokens ({header_bytes + 2 * n} bytes) but is {size} bytes")
-    return np.fromfile(path, dtype="<u2", count=n, offset=header_bytes)
+    return np.fromfile(path, dtype="<u2", count=n - start if count < 0 else count, offset=header_bytes + 2 * start)
 
 def list_shards(pattern: str) -> list[str]:
     files = sorted(f for f in glob.glob(pattern) if "_bytes_" not in os.path.basename(f))  # not byte sidecars
@@ -315,14 +318,17 @@ def check_token_range(tokens: np.ndarray, vocab_size: int, where: str):
         raise ValueError(f"{where} holds token id {int(tokens.max())} >= VOCAB_SIZE {vocab_size}: wrong tokenizer?")
 
 class DistributedTokenLoader:
-    """Shards in order, wrapping around; a batch is world*(local+1) tokens, rank r's the r-th slice; prefetched."""
-    def __init__(self, pattern, vocab_size, rank, world_size, device, batch_tokens, seq_len, prefetch=True):
+    """Shards in order, wrapping around; a batch is world*(local+1) tokens, rank r's the r-th slice; prefetched. docs:
+    the record's document packing in rows: documents (a shard's first to last BOS) cut every seq_len tokens; a row takes
+    the oldest waiting piece (only a row start may take one without BOS: the mask splits at BOS), then the longest doc
+    starts that fit; a tail none fits gets a prefix of one still placed whole later. All ranks plan all rows alike."""
+    def __init__(self, pattern, vocab_size, rank, world_size, device, batch_tokens, seq_len, prefetch=True, docs=False):
         if batch_tokens % (world_size * seq_len):
             raise KnobError(f"batch of {batch_tokens} tokens does not split into {world_size} ranks x {seq_len}")
         self.files, self.vocab_size, self.file_idx, self.pos = list_shards(pattern), vocab_size, -1, 0
         self.tokens, self.rank, self.world, self.device = np.zeros(0, dtype=np.uint16), rank, world_size, device
-        self.local_tokens, self.seq_len = batch_tokens // world_size, seq_len
-        self.pool = ThreadPoolExecutor(1) if prefetch else None
+        self.local_tokens, self.seq_len, self.waiting, self.fits = batch_tokens // world_size, seq_len, {}, []
+        self.pool, self.pieces, self.docs = ThreadPoolExecutor(1) if prefetch else None, enumerate(self._pieces()), docs
         self.pending = self.pool.submit(self._make) if prefetch else None
 
     def take(self, n: int) -> np.ndarray:
@@ -333,17 +339,40 @@ class DistributedTokenLoader:
                 self.file_idx = (self.file_idx + 1) % len(self.files)
                 self.tokens, self.pos = load_shard(self.files[self.file_idx]), 0
                 check_token_range(self.tokens, self.vocab_size, self.files[self.file_idx])
-                continue
             k = min(n, len(self.tokens) - self.pos)
             parts.append(self.tokens[self.pos:self.pos + k])
             self.pos, n = self.pos + k, n - k
         return np.concatenate(parts)
 
-    def _make(self):
-        span = self.local_tokens + 1
-        chunk = self.take(span * self.world)[self.rank * span:(self.rank + 1) * span]
-        t = torch.from_numpy(chunk.astype(np.int64))
-        x, y = t[:-1].reshape(-1, self.seq_len), t[1:].reshape(-1, self.seq_len)
+    def _pieces(self):  # docs: every piece's tokens and the one after, in stream order
+        while True:
+            for path in self.files:
+                check_token_range(w := load_shard(path), self.vocab_size, path)
+                if len(bos := np.flatnonzero(w == BOS_ID).tolist()) < 2:
+                    raise ValueError(f"shard {path} holds {len(bos)} BOS (id {BOS_ID}): no documents to pack")
+                for a, b in zip(bos, bos[1:]):
+                    yield from (w[s:min(s + self.seq_len, b) + 1] for s in range(a, b, self.seq_len))
+
+    def _row(self, lookahead: int = 1024) -> list[np.ndarray]:  # waiting: index -> piece; fits: (len, -index) sorted
+        while len(self.waiting) < lookahead or len(self.fits) < 2:
+            i, p = next(self.pieces)
+            self.waiting[i] = p
+            if p[0] == BOS_ID:  # a document start: it may fill a row's tail
+                bisect.insort(self.fits, (len(p), -i))
+        parts, room = [p := self.waiting.pop(i := next(iter(self.waiting)))], self.seq_len + 1 - len(p)  # oldest
+        if p[0] == BOS_ID:
+            del self.fits[bisect.bisect_left(self.fits, (len(p), -i))]
+        while room and len(self.fits) > 1 and (k := bisect.bisect_right(self.fits, (room + 1, 0)) - 1) >= 0:
+            parts.append(self.waiting.pop(-self.fits.pop(k)[1]))
+            room -= len(parts[-1]) - 1
+        return parts + [self.waiting[-self.fits[0][1]][:room + 1]] if room else parts  # a prefix fills the rest
+
+    def _make(self):  # rows of pieces (docs) or this rank's span of the stream as one row, then reshaped
+        span, n = self.local_tokens + 1, self.local_tokens // self.seq_len
+        rows = ([self._row() for _ in range(n * self.world)][self.rank * n:(self.rank + 1) * n] if self.docs
+                else [[self.take(span * self.world)[self.rank * span:(self.rank + 1) * span]]])
+        x, y = (torch.from_numpy(np.stack([np.concatenate([p[k:len(p) - 1 + k] for p in r]) for r in rows])
+                                 .reshape(-1, self.seq_len).astype(np.int64)) for k in (0, 1))
         return (x.pin_memory(), y.pin_memory()) if self.device.type == "cuda" else (x, y)
 
     def next_batch(self):
@@ -1408,8 +1437,8 @@ def train_model(h: Hyperparameters, model: GPT, rt: Runtime, log, val_tokens, lu
     train_pattern = os.path.join(h.data_path, "fineweb_train_*.bin")
 
     def make_loader():
-        return DistributedTokenLoader(train_pattern, h.vocab_size, rt.rank, world, device,
-                                      h.train_batch_tokens // grad_accum, h.train_seq_len)
+        return DistributedTokenLoader(train_pattern, h.vocab_size, rt.rank, world, device, h.train_batch_tokens //
+                                      grad_accum, h.train_seq_len, docs=h.train_doc_rows)
 
     def train_step(loader):
         total = torch.zeros((), device=device)
@@ -1510,11 +1539,16 @@ def train_model(h: Hyperparameters, model: GPT, rt: Runtime, log, val_tokens, lu
 def calibrate(h: Hyperparameters, model: GPT, rt: Runtime, log, train_time: float):
     """GPTQ Hessians and temperature from training tokens; fails past MAX_WALLCLOCK_SECONDS with training."""
     t0, hessians, temperature, calibrating = time.perf_counter(), None, 1.0, h.gptq or h.fit_temperature
-    if calibrating:  # the first GPTQ_CALIB_SEQS training sequences, shared out over the ranks
-        x, y = DistributedTokenLoader(os.path.join(h.data_path, "fineweb_train_*.bin"), h.vocab_size, 0, 1, rt.device,
-                                      h.gptq_calib_seqs * h.train_seq_len, h.train_seq_len, prefetch=False).next_batch()
-        mine = rank_slice(len(x), rt.rank, rt.world)
-        x, y = x[mine.start:mine.stop], y[mine.start:mine.stop]
+    tf32, torch.backends.cuda.matmul.allow_tf32 = torch.backends.cuda.matmul.allow_tf32, False  # fp32 Hessian products
+    files, T, n, mine = list_shards(os.path.join(h.data_path, "fineweb_train_*.bin")), h.train_seq_len, 0, range(0)
+    if calibrating:  # GPTQ_CALIB_TOKENS in whole windows drawn (seeded, none twice) from all shards, split over ranks
+        per = np.array([max(os.path.getsize(f) // 2 - 2 * SHARD_HEADER_INTS - 1, 0) // T for f in files])  # windows
+        n, ends = min(max(-(-h.gptq_calib_tokens // T), rt.world), int(per.sum())), np.cumsum(per)
+        picks = np.sort(np.random.default_rng(h.seed).choice(int(per.sum()), n, replace=False))
+        at, mine = np.searchsorted(ends, picks, side="right"), rank_slice(n, rt.rank, rt.world)
+        t = np.stack([load_shard(files[at[i]], int(picks[i] - ends[at[i]] + per[at[i]]) * T, T + 1) for i in mine])
+        check_token_range(t, h.vocab_size, "calibration windows")
+        x, y = (torch.from_numpy(a.astype(np.int64)).to(rt.device) for a in (t[:, :-1], t[:, 1:]))
         batches = [(x[i:i + h.val_batch_seqs], y[i:i + h.val_batch_seqs]) for i in range(0, len(x), h.val_batch_seqs)]
     if h.gptq:
         names = {n for n, p in model.named_parameters() if tensor_bits(n, h) and p.numel() > h.passthrough_max_numel
@@ -1522,16 +1556,17 @@ def calibrate(h: Hyperparameters, model: GPT, rt: Runtime, log, train_time: floa
         hessians = collect_hessians(model, batches, names, rt)
     if h.fit_temperature:
         temperature = fit_temperature(model, batches, rt)
-    seconds = time.perf_counter() - t0
-    log(f"calibration: {h.gptq_calib_seqs if calibrating else 0} training sequences, "
-        f"{len(hessians or {})} Hessians, temperature:{temperature} in {seconds:.1f}s")
+    seconds, torch.backends.cuda.matmul.allow_tf32 = time.perf_counter() - t0, tf32
+    log(f"calibration: {n * T} training tokens ({len(mine) * T} per rank, {len(files)} shards), {len(hessians or {})} "
+        f"Hessians, temperature:{temperature} in {seconds:.1f}s: {len(mine) * T / max(seconds, 1e-9):.0f} tokens/s "
+        f"per rank, reserve:{h.gptq_reserve_seconds if calibrating else 0:g}s")
     estimate = f" est_8gpu_same_steps:{(train_time + seconds) * rt.world / 8:.1f}s (estimate)" if rt.world < 8 else ""
     log(f"clock_train: training {train_time:.1f}s + calibration {seconds:.1f}s = {train_time + seconds:.1f}s "
         f"limit:{h.max_wallclock_seconds:.0f}s{estimate}")
     if calibrating and h.max_wallclock_seconds > 0 and train_time + seconds > h.max_wallclock_seconds:
         raise RuntimeError(f"training + calibration took {train_time + seconds:.1f}s, over MAX_WALLCLOCK_SECONDS "
                            f"{h.max_wallclock_seconds:.0f}s: calibration reads training data, so it must end inside "
-                           f"the budget (raise GPTQ_RESERVE_SECONDS or lower GPTQ_CALIB_SEQS)")
+                           f"the budget (raise GPTQ_RESERVE_SECONDS or lower GPTQ_CALIB_TOKENS)")
     return hessians, temperature
 
 def export_artifact(h: Hyperparameters, model: GPT, rt: Runtime, log, hessians, temperature: float):

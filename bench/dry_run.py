@@ -51,7 +51,7 @@ def dry_knobs(h: tg.Hyperparameters) -> dict[str, str]:
     return {
         "ITERATIONS": "2", "MAX_WALLCLOCK_SECONDS": "0", "WARMUP_STEPS": "0", "VAL_LOSS_EVERY": "0",
         "TRAIN_LOG_EVERY": "1", "TRAIN_BATCH_TOKENS": str(8 * h.train_seq_len), "VAL_MAX_TOKENS": str(2 * h.eval_seq_len),
-        "VAL_BATCH_SEQS": "1", "QAT_START_FRAC": "0.5", "LOOP_ENABLE_FRAC": "0.5", "GPTQ_CALIB_SEQS": "1",
+        "VAL_BATCH_SEQS": "1", "QAT_START_FRAC": "0.5", "LOOP_ENABLE_FRAC": "0.5", "GPTQ_CALIB_TOKENS": str(h.train_seq_len),
         "SLIDING_EVAL": "1", "EVAL_STRIDE": str(h.eval_seq_len // 2), "TTT_CHUNK_TOKENS": str(h.eval_seq_len),
         "TTT_EPOCHS": "1", "TTT_BATCH_SEQS": "1", "TTT_LORA_DOCS": "1", "TTT_LORA_CHUNK": "512", "TTT_PHASES": "1",
         "TTT_PHASE_DOCS": "1", "DEVICE": "cpu", "COMPILE": "0", "AUTOCAST": "bf16", "EVAL_ONLY": "0",

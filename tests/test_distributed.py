@@ -310,7 +310,7 @@ def test_calibration_set_is_world_size_independent(sample_data, monkeypatch):
         return sorted(map(tuple, torch.cat(seen).tolist()))
 
     one, two = calibration_rows(1), calibration_rows(2)
-    assert len(one) == len(two) == h.gptq_calib_seqs
+    assert len(one) == len(two) == h.gptq_calib_tokens // h.train_seq_len
     shared = len(set(one) & set(two))
     assert one == two, f"only {shared} of {len(one)} calibration sequences are the same with 2 ranks"
 

@@ -61,7 +61,7 @@ def _check(out: str, knobs: dict[str, str]):
         assert re.search(r"^looping:on step:1 ", out, re.M)
     if h.averaging == "ema":
         assert "applied:yes" in out
-    n_hessians = int(re.search(r"^calibration: 1 training sequences, (\d+) Hessians", out, re.M).group(1))
+    n_hessians = int(re.search(r"^calibration: (?:\d+) training tokens .*, (\d+) Hessians", out, re.M).group(1))
     assert n_hessians == 6 * h.num_layers + int(h.gptq_embed)
     assert re.search(r"^export: zstd-22 .* (\d+) bytes in", out, re.M)
     bytes_model = int(re.search(r"^bytes_model:(\d+)$", out, re.M).group(1))

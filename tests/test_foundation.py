@@ -610,12 +610,12 @@ def test_train_run_log_lines(train_run):
     assert re.search(r"^provenance code_sha256:[0-9a-f]{64} torch:\S+ cuda:\S+ gpu:none gpus:\d+ world:1$", log, re.M)
     assert re.search(r"^data train_shards:1 val_shards:1 val_tokens:4096 val_max_tokens:4096 byte_source:tokenizer_tables$",
                      log, re.M)
-    m = re.search(r"^calibration: (\d+) training sequences, (\d+) Hessians, temperature:(\S+) in", log, re.M)
+    m = re.search(r"^calibration: (\d+) training tokens .*, (\d+) Hessians, temperature:(\S+) in", log, re.M)
     n_block_matrices = sum(1 for n, p in train_gpt.GPT(h).named_parameters()
                            if n.startswith("blocks.") and p.ndim == 2 and train_gpt.tensor_bits(n, h)
                            and p.numel() > h.passthrough_max_numel)
     assert n_block_matrices == 24
-    assert m and int(m.group(1)) == 8 and int(m.group(2)) == n_block_matrices + 1  # + the tied embedding
+    assert m and int(m.group(1)) == 512 and int(m.group(2)) == n_block_matrices + 1  # + the tied embedding
     assert float(m.group(3)) in train_gpt.TEMPERATURES
     assert re.search(r"^clock_train: training [\d.]+s \+ calibration [\d.]+s = [\d.]+s limit:0s", log, re.M)
     assert re.search(r"^export: zstd-22 lqer_rank:2 -> ", log, re.M)

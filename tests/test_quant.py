@@ -521,7 +521,7 @@ def test_quantize_state_gptq_embed(embed_setup):
     with_h = tg.dequantize_entry(tg.quantize_state(model, h, hessians)["tok_emb.weight"])
     without = tg.dequantize_entry(tg.quantize_state(model, h, {})["tok_emb.weight"])
     assert out_err(hid, W, with_h) < 0.9 * out_err(hid, W, without)
-    h2 = dataclasses.replace(h, gptq_calib_seqs=4)
+    h2 = dataclasses.replace(h, gptq_calib_tokens=256)
     on, _ = tg.calibrate(dataclasses.replace(h2, gptq_embed=True), model, CPU_RT, lambda m: None, 0.0)
     off, _ = tg.calibrate(h2, model, CPU_RT, lambda m: None, 0.0)
     assert "tok_emb.weight" in on and "tok_emb.weight" not in off
@@ -887,7 +887,7 @@ def test_fit_temperature_recovers_the_sampling_temperature(tiny_hparams, true_t)
 def test_temperature_stored_in_artifact_and_applied_at_load(tiny_hparams, tmp_path):
     """FIT_TEMPERATURE: calibrate fits it on training tokens, export_artifact stores it in the artifact's config,
     load_artifact_into applies it (also to a fresh EVAL_ONLY model)."""
-    h = dataclasses.replace(tiny_hparams, gptq=False, fit_temperature=True, gptq_calib_seqs=8, zstd_level=3,
+    h = dataclasses.replace(tiny_hparams, gptq=False, fit_temperature=True, gptq_calib_tokens=512, zstd_level=3,
                             artifact_path=str(tmp_path / "m.ptz"))
     model = perturbed_model(h, seed=4)
     lines = []
@@ -1010,9 +1010,9 @@ def calibration_reads(h, model, monkeypatch, redirect_to_val=False):
     path the code builds points at the validation shards instead."""
     seen, real_load, real_join = [], tg.load_shard, os.path.join
 
-    def spy(path):
+    def spy(path, *window):
         seen.append(path)
-        return real_load(path)
+        return real_load(path, *window)
 
     with monkeypatch.context() as m:
         m.setattr(tg, "load_shard", spy)
@@ -1028,7 +1028,7 @@ def only_training_shards(paths) -> bool:
 
 @pytest.fixture
 def calib_h(tiny_hparams):
-    return dataclasses.replace(tiny_hparams, gptq_calib_seqs=4, fit_temperature=True, gptq_embed=True)
+    return dataclasses.replace(tiny_hparams, gptq_calib_tokens=256, fit_temperature=True, gptq_embed=True)
 
 
 def test_calibration_reads_only_training_shards(calib_h, monkeypatch):
@@ -1051,7 +1051,7 @@ def test_calibration_must_end_inside_the_training_budget(calib_h):
     h = dataclasses.replace(calib_h, max_wallclock_seconds=100.0)
     with pytest.raises(RuntimeError) as exc:
         tg.calibrate(h, model, CPU_RT, lambda line: None, 100.0 - 1e-9)
-    for knob in ("MAX_WALLCLOCK_SECONDS", "GPTQ_RESERVE_SECONDS", "GPTQ_CALIB_SEQS"):
+    for knob in ("MAX_WALLCLOCK_SECONDS", "GPTQ_RESERVE_SECONDS", "GPTQ_CALIB_TOKENS"):
         assert knob in str(exc.value)
     lines = []
     tg.calibrate(h, model, CPU_RT, lines.append, 50.0)  # room left: fine, and the clock line says so
@@ -1065,7 +1065,7 @@ def test_calibration_must_end_inside_the_training_budget(calib_h):
     hessians, temperature = tg.calibrate(dataclasses.replace(h, gptq=False, fit_temperature=False), model, CPU_RT,
                                          lines.append, 100.0 + 5.0)
     assert hessians is None and temperature == 1.0
-    assert lines[0].startswith("calibration: 0 training sequences, 0 Hessians, temperature:1.0 in ")
+    assert lines[0].startswith("calibration: 0 training tokens (0 per rank, 1 shards), 0 Hessians, temperature:1.0 in ")
 
 
 # ----------------------------------------------------------------------------------------------
