@@ -13,6 +13,7 @@ RECORD = {
     "vocab_size": 8192, "num_layers": 11, "model_dim": 512, "num_heads": 8, "num_kv_heads": 4,  # rows 1-6
     "mlp_mult": 4.0, "mlp_act": "leaky_relu2", "leaky_slope": 0.5,
     "train_seq_len": 2048, "eval_seq_len": 2048, "train_batch_tokens": 786_432,  # rows 9-10
+    "train_doc_rows": True,  # row 11: rows that start at a document (or a 2048-piece of a long one)
     "logit_softcap": 30.0, "ln_scale": True, "ortho_init": True,  # rows 13-18
     "rope_dims": 16, "rope_base": 10_000.0, "qk_gain_init": 5.0, "xsa_last_n": 11,  # rows 22-24
     "attn_doc_mask": True, "attn_gate": True, "attn_gate_scale": 0.5,  # rows 26-27
@@ -28,6 +29,7 @@ RECORD = {
     "averaging": "ema", "ema_decay": 0.9965, "qat": False,  # rows 58-60
     "quant_attn_bits": 6, "quant_mlp_bits": 6, "quant_embed_bits": 7,  # rows 61-63
     "sdclip_attn_k": 13.0, "sdclip_mlp_k": 11.5, "sdclip_embed_k": 14.0, "gptq": True, "gptq_embed": True,
+    "gptq_calib_tokens": 16 * 48 * 2048,  # row 65: 16 batches of 48 sequences of 2048
     "lqer_rank": 4, "lqer_tensors": 3, "fit_temperature": False,  # rows 66, 85
     "ttt": True, "ttt_mode": "phased", "sliding_eval": False,  # rows 72-73
     "ttt_lora_rank": 80, "ttt_lora_lr": 1e-4, "ttt_lora_wd": 0.5, "ttt_lora_chunk": 48, "ttt_lora_docs": 64,
@@ -67,3 +69,15 @@ def test_parameter_count_at_the_records_shapes(frontier):
     lanes = sum(p.numel() for name, p in model.named_parameters() if ".lane_" in name)
     smear = sum(p.numel() for p in model.smear.parameters())
     assert (lanes, smear) == (3 * 6, 13)
+
+
+def test_frontier_reads_the_records_caseops_data_and_sp8192_the_plain_one(frontier):
+    """Rows 7-8: the CaseOps export's folder and tokenizer (data/cached_challenge_fineweb.py --variant
+    sp8192_caseops writes them there, val byte sidecars included); PRESET=frontier,sp8192 the plain sp8192 ones."""
+    assert frontier.data_path.endswith("fineweb10B_sp8192_lossless_caps_caseops_v1_reserved")
+    assert frontier.tokenizer_path.endswith("fineweb_8192_bpe_lossless_caps_caseops_v1_reserved.model")
+    plain = tg.Hyperparameters.from_env({"PRESET": "frontier,sp8192"})
+    assert plain.data_path.endswith("fineweb10B_sp8192") and plain.tokenizer_path.endswith("fineweb_8192_bpe.model")
+    assert {f.name: getattr(plain, f.name) for f in tg.fields(plain) if "path" not in f.name} == \
+        {f.name: getattr(frontier, f.name) for f in tg.fields(frontier) if "path" not in f.name and f.name != "preset"} \
+        | {"preset": "frontier,sp8192"}
