@@ -16,7 +16,7 @@ import math
 import os
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 
 import numpy as np
 import sentencepiece as spm
@@ -891,84 +891,114 @@ def dequantize_state(qstate: dict) -> dict:
             out[name] = out[name] + dequantize_entry(qstate[name + ".lqer_a"]) @ dequantize_entry(qstate[name + ".lqer_b"])
     return out
 
-ARTIFACT_MAGIC = "parameter-golf-artifact-3"
+ARTIFACT_MAGIC = "parameter-golf-artifact-4"
+CODE_ZSTD = zstandard.ZstdCompressionParameters.from_level(  # Huffman-coded literals only (no matches): README
+    3, strategy=zstandard.STRATEGY_FAST, min_match=7, search_log=1, hash_log=10, chain_log=10, write_checksum=1)
 
-def serialize_artifact(qstate: dict, config: dict, h: Hyperparameters, level: int | None = None) -> bytes:
-    """zstd over torch.save of the config, scales, fp16 tensors and codes, each code tensor compressed on its own
-    first (one stream over all codes was up to 10% larger and erratic in size: README). `level`: search trials."""
-    zstd = zstandard.ZstdCompressor(level=level or h.zstd_level, write_checksum=True)  # 4 bytes/frame: flips fail
-    quantized = {name: e for name, e in qstate.items() if "q" in e}
-    payload = {"magic": ARTIFACT_MAGIC, "config": config,
-               "grids": {name: (e["bits"], e["group"], tuple(e["q"].shape)) for name, e in quantized.items()},
-               "codes": {name: torch.frombuffer(bytearray(zstd.compress(e["q"].numpy().tobytes())), dtype=torch.uint8)
-                         for name, e in quantized.items()},
-               "scales": {name: e["scale"] for name, e in quantized.items()},
-               "fp16": {name: e["data"] for name, e in qstate.items() if "data" in e}}
+def tensor_role(name: str) -> str:
+    """The group a code tensor is compressed in: its family, attention split q/o and k/v, MLP split up and down."""
+    family = "lqer" if ".lqer_" in name else tensor_family(name)
+    if family == "attn":
+        return "attn_kv" if ".c_k." in name or ".c_v." in name else "attn_qo"
+    return {"mlp": "mlp_up" if ".mlp.fc." in name else "mlp_down"}.get(family, family)
+
+def serialize_artifact(qstate: dict, config: dict, h: Hyperparameters) -> bytes:
+    """A zstd frame (ZSTD_LEVEL) of torch.save of the config, grids, scales, fp16 tensors and group table, then a zstd
+    frame per role of the codes of its tensors (tensor_role, e.g. every layer's MLP up-projection), each frame with
+    its checksum. The codes' frames are literals only (CODE_ZSTD): smaller than zstd-22, in milliseconds (README)."""
+    coded, groups = {name: e for name, e in qstate.items() if "q" in e}, {}
+    for name in coded:
+        groups.setdefault(tensor_role(name), []).append(name)
+    frames = [zstandard.ZstdCompressor(compression_params=CODE_ZSTD).compress(
+        b"".join(coded[n]["q"].numpy().tobytes() for n in names)) for names in groups.values()]
     buffer = io.BytesIO()
-    torch.save(payload, buffer)
-    return zstd.compress(buffer.getvalue())
+    torch.save({"magic": ARTIFACT_MAGIC, "config": config, "groups": list(zip(groups.values(), map(len, frames))),
+                "grids": {name: (e["bits"], e["group"], tuple(e["q"].shape)) for name, e in coded.items()},
+                "scales": {name: e["scale"] for name, e in coded.items()},
+                "fp16": {name: e["data"] for name, e in qstate.items() if "data" in e}}, buffer)
+    return zstandard.ZstdCompressor(level=h.zstd_level, write_checksum=True).compress(buffer.getvalue()) + \
+        b"".join(frames)
 
 def deserialize_artifact(data: bytes) -> tuple[dict, dict]:
     decoder = zstandard.ZstdDecompressor().decompressobj()
     try:
-        blob = decoder.decompress(data)
-        if not decoder.eof or decoder.unused_data:
-            raise ValueError("truncated, or bytes after the compressed stream")
-        payload = torch.load(io.BytesIO(blob), weights_only=True)
-        if not isinstance(payload, dict) or payload.get("magic") != ARTIFACT_MAGIC:
+        head = torch.load(io.BytesIO(decoder.decompress(data)), weights_only=True)
+        if not isinstance(head, dict) or head.get("magic") != ARTIFACT_MAGIC:
             raise ValueError("not a Parameter Golf artifact of this version (bad magic)")
-        unzstd = zstandard.ZstdDecompressor()
-        qstate = {name: {"bits": bits, "group": group, "scale": payload["scales"][name], "q": torch.frombuffer(
-            bytearray(unzstd.decompress(payload["codes"][name].numpy().tobytes())), dtype=torch.int8).view(shape)}
-            for name, (bits, group, shape) in payload["grids"].items()}
-        return payload["config"], {**qstate, **{name: {"data": t} for name, t in payload["fp16"].items()}}
+        rest, qstate = decoder.unused_data, {}
+        if not decoder.eof or len(rest) != sum(size for _, size in head["groups"]):
+            raise ValueError("truncated, or bytes after the last frame")
+        for names, size in head["groups"]:
+            codes, rest = zstandard.ZstdDecompressor().decompress(rest[:size]), rest[size:]
+            codes, at = torch.frombuffer(bytearray(codes), dtype=torch.int8), 0
+            for name in names:
+                bits, group, shape = head["grids"][name]
+                qstate[name] = {"bits": bits, "group": group, "scale": head["scales"][name],
+                                "q": codes[at:at + math.prod(shape)].view(shape)}
+                at += math.prod(shape)
+            if at != codes.numel():
+                raise ValueError("the codes of a group do not match its grids")
+        return head["config"], {**qstate, **{name: {"data": t} for name, t in head["fp16"].items()}}
     except Exception as exc:
         raise ValueError(f"corrupt artifact: {exc}") from exc
 
 FIT_TOLERANCE = 0.003  # AUTO_FIT lands the artifact within this fraction under the budget
 FIT_MULT_RANGE = (0.25, 8.0)  # the step multipliers AUTO_FIT may use
-FIT_FAST_LEVEL = 3
 
 def quantize_within_budget(model: GPT, h: Hyperparameters, hessians, config: dict, log=print) -> bytes:
-    """Quantize and compress. AUTO_FIT searches one multiplier m of every step (bytes fall as m grows) in log m until
-    the artifact lands within FIT_TOLERANCE under the budget (unless the finest steps fit): a bisection on fast-level
-    sizes x the final/fast ratio gets close, then secant/bisection steps at the final level inside a verified bracket."""
-    limit, factors, t0, trials, last = budget_bytes(h) - code_bytes(), {}, time.perf_counter(), [0], {}
+    """Quantize and compress. AUTO_FIT searches one multiplier e^x of every step (bytes fall as x grows) so that the
+    artifact lands within FIT_TOLERANCE under the budget (unless the finest steps fit): bisection in x on an estimate,
+    the bytes of round-to-nearest codes without LQER x the ratio real/estimate at the last real artifact (GPTQ, LQER,
+    built at each solution: usually twice), then secant and bisection steps between the real artifacts."""
+    limit, factors, memo, real, clock = budget_bytes(h) - code_bytes(), {}, {}, {}, {"estimate": [], "real": []}
 
-    def make(mult, level=None):  # the quantized state of the last multiplier is reused by its other compression
-        trials[0] += 1
-        if last.get("mult") != mult:
-            last.update(mult=mult, state=quantize_state(model, h, hessians, mult, factors))
-        return serialize_artifact(last["state"], config, h, level)
+    def timed(part, fn):
+        t0, out = time.perf_counter(), fn()
+        clock[part].append(time.perf_counter() - t0)
+        return out
 
-    lo, hi = FIT_MULT_RANGE if h.auto_fit else (1.0, 1.0)
-    best, best_mult, how = make(lo), lo, "the finest steps fit"
-    if len(best) > limit and h.auto_fit:
-        over, (best, best_mult, how) = (math.log(lo), len(best)), (make(hi), hi, "searched")
-    if len(best) > limit:
-        raise ArtifactTooLarge(f"artifact is {len(best)} bytes, over the {limit}-byte limit even with every step x{hi}"
-                               + (" (AUTO_FIT=0)" if not h.auto_fit else ": fewer parameters or bits are needed"))
-    if how == "searched":
-        target, fit, (a, b) = limit * (1 - FIT_TOLERANCE / 2), (math.log(hi), len(best)), (math.log(lo), math.log(hi))
-        ratio = len(best) / len(make(hi, FIT_FAST_LEVEL))
-        for _ in range(20):
-            x = (a + b) / 2
-            estimate = len(make(math.exp(x), FIT_FAST_LEVEL)) * ratio
-            if abs(estimate - target) < limit * FIT_TOLERANCE / 4:
+    def estimate(x):
+        if x not in memo:
+            memo[x] = len(timed("estimate", lambda: serialize_artifact(quantize_state(
+                model, replace(h, lqer_rank=0), None, math.exp(x)), config, h)))
+        return memo[x]
+
+    def build(x):  # a real artifact, its bytes counted
+        real[x] = timed("real", lambda: serialize_artifact(quantize_state(model, h, hessians, math.exp(x), factors),
+                                                           config, h))
+        return len(real[x])
+
+    lo, hi = (math.log(m) for m in FIT_MULT_RANGE) if h.auto_fit else (0.0, 0.0)
+    target, ratio, how = limit * (1 - FIT_TOLERANCE / 2), 1.0, "the finest steps fit"
+    too_large = lambda: ArtifactTooLarge(f"artifact is {len(real[hi])} bytes, over the {limit}-byte limit even with "
+                                         f"every step x{round(math.exp(hi), 4)}" + (": fewer parameters or bits are "
+                                         "needed" if h.auto_fit else " (AUTO_FIT=0)"))
+    if h.auto_fit and estimate(lo) > limit or build(lo) > limit:
+        how = "searched"
+        if not h.auto_fit or estimate(hi) > target and build(hi) > limit:
+            raise too_large()
+        for step in range(10):
+            over, under = [x for x in real if len(real[x]) > limit], [x for x in real if len(real[x]) <= limit]
+            if step >= 2 and over and under:  # secant and bisection steps between the closest real artifacts
+                a, b = max(over), min(under)
+                x = (a + b) / 2 if step % 2 else a + (b - a) * (len(real[a]) - target) / (len(real[a]) - len(real[b]))
+            else:  # bisection on the estimate x ratio
+                a, b = lo, hi
+                for _ in range(40):
+                    x = (a + b) / 2
+                    if abs(estimate(x) * ratio - target) < limit * FIT_TOLERANCE / 8:
+                        break
+                    a, b = (x, b) if estimate(x) * ratio > target else (a, x)
+            ratio = build(x) / estimate(x)
+            if limit * (1 - FIT_TOLERANCE) <= len(real[x]) <= limit:
                 break
-            a, b = (x, b) if estimate > target else (a, x)
-        for step in range(12):
-            blob = make(math.exp(x))
-            over, fit = ((x, len(blob)), fit) if len(blob) > limit else (over, (x, len(blob)))
-            if len(blob) <= limit and len(blob) > len(best):
-                best, best_mult = blob, math.exp(x)
-            if len(best) >= limit * (1 - FIT_TOLERANCE):
-                break
-            secant = over[0] + (fit[0] - over[0]) * (over[1] - target) / (over[1] - fit[1])
-            x = secant if step % 2 == 0 else (over[0] + fit[0]) / 2
-    log(f"auto_fit: {how if h.auto_fit else 'off'}: step multiplier {best_mult:.4f} -> {len(best)} bytes, "
-        f"{len(best) / limit:.2%} of the {limit}-byte budget; {trials[0]} trials in {time.perf_counter() - t0:.1f}s")
-    return best
+    if all(len(blob) > limit for blob in real.values()) and build(hi) > limit:
+        raise too_large()
+    x = max((x for x in real if len(real[x]) <= limit), key=lambda x: len(real[x]))
+    log(f"auto_fit: {how if h.auto_fit else 'off'}: step multiplier {math.exp(x):.4f} -> {len(real[x])} bytes, "
+        f"{len(real[x]) / limit:.2%} of the {limit}-byte budget; {len(clock['estimate'])} estimates in "
+        f"{sum(clock['estimate']):.1f}s, {len(clock['real'])} real artifacts (GPTQ) in {sum(clock['real']):.1f}s")
+    return real[x]
 
 def model_config(h: Hyperparameters, looping: bool, temperature: float = 1.0) -> dict:
     return {**{k: getattr(h, k) for k in MODEL_KNOBS}, "looping": looping, "temperature": temperature}
