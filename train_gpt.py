@@ -119,7 +119,7 @@ class Hyperparameters:
     quant_embed_bits: int = 8
     quant_bigram_bits: int = 6
     quant_small_bits: int = 0  # small tensors (gains, mixes, scalars) 0: fp16; 8: int8, a scale per row. Gates: int8
-    sdclip_attn_k: float = 8.0  # SDClip: step = k * row std / qmax, so rows clip at k std (the README's k sweep)
+    sdclip_attn_k: float = 8.0  # SDClip: step = k * row std / qmax, so rows clip at k std; 0: the baseline's clip
     sdclip_mlp_k: float = 8.0
     sdclip_embed_k: float = 6.0
     passthrough_max_numel: int = 65_536
@@ -200,6 +200,7 @@ class Hyperparameters:
             (self.attn_gate and self.model_dim < GATE_DIMS, f"ATTN_GATE reads {GATE_DIMS} dims: MODEL_DIM is smaller"),
             (self.ttt_mode != "chunked" and self.ttt_lora_chunk > self.eval_seq_len,
              "TTT_LORA_CHUNK must not exceed EVAL_SEQ_LEN (a chunk is scored in one window)"),
+            (min(self.sdclip_attn_k, self.sdclip_mlp_k, self.sdclip_embed_k) < 0, "SDCLIP_*_K must be >= 0"),
             (not 0 < self.max_artifact_bytes <= CHALLENGE_MAX_BYTES,
              f"MAX_ARTIFACT_BYTES may lower the challenge's {CHALLENGE_MAX_BYTES}-byte cap, never raise it")]
         for broken, message in rules:
@@ -238,9 +239,10 @@ PRESETS: dict[str, dict[str, object]] = {
     "naive_baseline": dict(
         NUM_LAYERS=9, MLP_MULT=2, MLP_ACT="relu2", TRAIN_SEQ_LEN=1024, EVAL_SEQ_LEN=1024, TRAIN_BATCH_TOKENS=524_288,
         SMEAR_GATE=0, BIGRAM_BUCKETS=0, XSA_LAST_N=0, ROPE_DIMS=0, ROPE_NTK=0, LN_SCALE=0, ORTHO_INIT=0, QAT=0,
-        AVERAGING="none", GPTQ=0, QUANT_ATTN_BITS=8, QUANT_MLP_BITS=8, AUTO_FIT=0, TTT=0, MUON_WD=0, ADAM_WD=0,
-        EMBED_WD=0, GRAD_CLIP_NORM=0, WARMDOWN_FRAC=0.09, MATRIX_LR=0.04, SCALAR_LR=0.04, EMBED_LR=0.05,
-        MUON_MOMENTUM=0.95, MUON_MOMENTUM_WARMUP_START=0.85, MUON_MOMENTUM_WARMUP_STEPS=500),
+        AVERAGING="none", GPTQ=0, QUANT_ATTN_BITS=8, QUANT_MLP_BITS=8, SDCLIP_ATTN_K=0, SDCLIP_MLP_K=0,
+        SDCLIP_EMBED_K=0, AUTO_FIT=0, TTT=0, MUON_WD=0, ADAM_WD=0, EMBED_WD=0, GRAD_CLIP_NORM=0, WARMDOWN_FRAC=0.09,
+        MATRIX_LR=0.04, SCALAR_LR=0.04, EMBED_LR=0.05, MUON_MOMENTUM=0.95, MUON_MOMENTUM_WARMUP_START=0.85,
+        MUON_MOMENTUM_WARMUP_STEPS=500),
     "frontier": dict(
         VOCAB_SIZE=8192, DATA_PATH="./data/datasets/fineweb10B_sp8192",
         TOKENIZER_PATH="./data/tokenizers/fineweb_8192_bpe.model", MLP_MULT=4, XSA_LAST_N=11, QK_GAIN_INIT=5.0,
@@ -729,10 +731,15 @@ def sdclip_k(name: str, h: Hyperparameters) -> float:
     return {"attn": h.sdclip_attn_k, "mlp": h.sdclip_mlp_k, "bigram": h.sdclip_attn_k}.get(tensor_family(name),
                                                                                           h.sdclip_embed_k)
 
+BASELINE_CLIP_Q = 0.9999984  # the challenge baseline's per-row clip: this quantile of |w_r|, steps >= 1/127
+
 def row_scales(w: torch.Tensor, bits: int, clip_k=None, mult=1.0) -> torch.Tensor:
-    """Per-row step x mult: SDClip's clip_k * row std / qmax (clips past clip_k std), or row max / qmax (None)."""
-    clip = w.abs().amax(dim=1) if clip_k is None else clip_k * w.std(dim=1)
-    return (clip.clamp_min(1e-8) / (2 ** (bits - 1) - 1) * mult).half().float().clamp_min(2.0 ** -24)
+    """Per-row step x mult: SDClip's clip_k * row std / qmax (clips past clip_k std); clip_k 0, the challenge
+    baseline's BASELINE_CLIP_Q quantile of |w_r| / qmax, at least 1/127; clip_k None, row max / qmax."""
+    qmax = 2 ** (bits - 1) - 1
+    clip = w.abs().amax(dim=1) if clip_k is None else clip_k * w.std(dim=1) if clip_k else torch.quantile(
+        w.abs(), BASELINE_CLIP_Q, dim=1).clamp_min(qmax / 127)
+    return (clip.clamp_min(1e-8) / qmax * mult).half().float().clamp_min(2.0 ** -24)
 
 def fit_grid(bits: int, mult: float) -> tuple[int, float]:
     """(code range, multiplier): finer steps (mult < 1) widen the codes to keep the clip range, up to int8's 127."""

@@ -254,6 +254,36 @@ def test_larger_sdclip_k_gives_fewer_bytes(bits):
     assert errors[0] > 3 * errors[best] and errors[-1] > 1.5 * errors[best], errors
 
 
+def baseline_int8(t: torch.Tensor):
+    """The challenge baseline script's per-row int8 rule (its quantize_float_tensor, for a matrix), restated."""
+    clip = torch.quantile(t.float().abs(), 0.9999984, dim=1)
+    scale = (clip / 127.0).clamp_min(1.0 / 127.0)
+    clipped = torch.maximum(torch.minimum(t.float(), clip[:, None]), -clip[:, None])
+    return torch.clamp(torch.round(clipped / scale[:, None]), -127, 127).to(torch.int8), scale.half()
+
+
+@pytest.mark.parametrize("spread", [0.02, 1.0, 30.0])
+def test_sdclip_k0_is_the_challenge_baselines_int8_clip(spread):
+    """clip_k 0 (SDCLIP_*_K=0, the naive_baseline preset's export): the baseline script's rule, a clip at its
+    quantile of |w| per row (about the row max) and a step floor of 1/127. Same fp16 scales; codes equal but for
+    rounding on the fp16 scale where the baseline rounds on the fp32 one, off by at most one step."""
+    w = make_matrix(7)[:, :160] * spread
+    w[3] = 0.0
+    q, s = tg.quantize_rows(w, 8, clip_k=0.0)
+    q_ref, s_ref = baseline_int8(w)
+    assert torch.equal(s, s_ref)
+    assert (q.int() - q_ref.int()).abs().max() <= 1 and (q != q_ref).float().mean() < 0.01
+    assert torch.equal(tg.row_scales(w, 8, clip_k=0.0), s.float())
+    small = w.abs().amax(1) < 0.99  # rows of small weights: the floor, 1/127 steps, part of the code range used
+    assert small.sum() >= (40 if spread == 0.02 else 1)
+    assert (s.float()[small] == torch.tensor(1 / 127).half().float()).all() and (q[small].abs().amax(1) < 127).all()
+    h = tg.Hyperparameters.from_env({"PRESET": "naive_baseline"})
+    assert {tg.sdclip_k(n, h) for n in ("tok_emb.weight", "blocks.0.attn.c_q.weight", "blocks.0.mlp.fc.weight")} == {0}
+    for knob in ("SDCLIP_ATTN_K", "SDCLIP_MLP_K", "SDCLIP_EMBED_K"):
+        with pytest.raises(tg.KnobError, match="SDCLIP"):
+            tg.Hyperparameters.from_env({knob: "-1"})
+
+
 def test_sdclip_k_per_family(tiny_hparams):
     """sdclip_k: attention matrices SDCLIP_ATTN_K, MLP matrices SDCLIP_MLP_K, the tied embedding SDCLIP_EMBED_K,
     the bigram table (int6 like attention) SDCLIP_ATTN_K; always a float. quantize_state steps every per-row
