@@ -957,54 +957,48 @@ def quantize_within_budget(model: GPT, h: Hyperparameters, hessians, config: dic
     artifact lands within FIT_TOLERANCE under the budget (unless the finest steps fit): bisection in x on an estimate,
     the bytes of round-to-nearest codes without LQER x the ratio real/estimate at the last real artifact (GPTQ, LQER,
     built at each solution: usually twice), then secant and bisection steps between the real artifacts."""
-    limit, factors, memo, real, clock = budget_bytes(h) - code_bytes(), {}, {}, {}, {"estimate": [], "real": []}
+    limit, factors, memo, real, clock = budget_bytes(h) - code_bytes(), {}, {}, {}, {False: [], True: []}
 
-    def timed(part, fn):
-        t0, out = time.perf_counter(), fn()
-        clock[part].append(time.perf_counter() - t0)
-        return out
-
-    def estimate(x):
-        if x not in memo:
-            memo[x] = len(timed("estimate", lambda: serialize_artifact(quantize_state(
-                model, replace(h, lqer_rank=0), None, math.exp(x)), config, h)))
-        return memo[x]
-
-    def build(x):  # a real artifact, its bytes counted
-        real[x] = timed("real", lambda: serialize_artifact(quantize_state(model, h, hessians, math.exp(x), factors),
-                                                           config, h))
-        return len(real[x])
+    def size(x, is_real=False):  # bytes of the real artifact (kept in `real`) or of the estimate
+        if (x, is_real) not in memo:
+            t0, hh = time.perf_counter(), h if is_real else replace(h, lqer_rank=0)
+            blob = serialize_artifact(quantize_state(model, hh, hessians if is_real else None, math.exp(x), factors),
+                                      config, h)
+            memo[x, is_real] = len(blob)
+            real.update({x: blob} if is_real else {})
+            clock[is_real].append(time.perf_counter() - t0)
+        return memo[x, is_real]
 
     lo, hi = (math.log(m) for m in FIT_MULT_RANGE) if h.auto_fit else (0.0, 0.0)
     target, ratio, how = limit * (1 - FIT_TOLERANCE / 2), 1.0, "the finest steps fit"
-    too_large = lambda: ArtifactTooLarge(f"artifact is {len(real[hi])} bytes, over the {limit}-byte limit even with "
+    too_large = lambda: ArtifactTooLarge(f"artifact is {memo[hi, True]} bytes, over the {limit}-byte limit even with "
                                          f"every step x{round(math.exp(hi), 4)}" + (": fewer parameters or bits are "
                                          "needed" if h.auto_fit else " (AUTO_FIT=0)"))
-    if h.auto_fit and estimate(lo) > limit or build(lo) > limit:
+    if h.auto_fit and size(lo) > limit or size(lo, True) > limit:
         how = "searched"
-        if not h.auto_fit or estimate(hi) > target and build(hi) > limit:
+        if not h.auto_fit or size(hi) > target and size(hi, True) > limit:
             raise too_large()
         for step in range(10):
-            over, under = [x for x in real if len(real[x]) > limit], [x for x in real if len(real[x]) <= limit]
+            over, under = [x for x in real if memo[x, True] > limit], [x for x in real if memo[x, True] <= limit]
             if step >= 2 and over and under:  # secant and bisection steps between the closest real artifacts
-                a, b = max(over), min(under)
-                x = (a + b) / 2 if step % 2 else a + (b - a) * (len(real[a]) - target) / (len(real[a]) - len(real[b]))
+                (a, na), (b, nb) = ((x, memo[x, True]) for x in (max(over), min(under)))
+                x = (a + b) / 2 if step % 2 else a + (b - a) * (na - target) / (na - nb)
             else:  # bisection on the estimate x ratio
                 a, b = lo, hi
                 for _ in range(40):
                     x = (a + b) / 2
-                    if abs(estimate(x) * ratio - target) < limit * FIT_TOLERANCE / 8:
+                    if abs(size(x) * ratio - target) < limit * FIT_TOLERANCE / 8:
                         break
-                    a, b = (x, b) if estimate(x) * ratio > target else (a, x)
-            ratio = build(x) / estimate(x)
-            if limit * (1 - FIT_TOLERANCE) <= len(real[x]) <= limit:
+                    a, b = (x, b) if size(x) * ratio > target else (a, x)
+            ratio = size(x, True) / size(x)
+            if limit * (1 - FIT_TOLERANCE) <= memo[x, True] <= limit:
                 break
-    if all(len(blob) > limit for blob in real.values()) and build(hi) > limit:
+    if all(memo[x, True] > limit for x in real) and size(hi, True) > limit:
         raise too_large()
-    x = max((x for x in real if len(real[x]) <= limit), key=lambda x: len(real[x]))
-    log(f"auto_fit: {how if h.auto_fit else 'off'}: step multiplier {math.exp(x):.4f} -> {len(real[x])} bytes, "
-        f"{len(real[x]) / limit:.2%} of the {limit}-byte budget; {len(clock['estimate'])} estimates in "
-        f"{sum(clock['estimate']):.1f}s, {len(clock['real'])} real artifacts (GPTQ) in {sum(clock['real']):.1f}s")
+    x = max((x for x in real if memo[x, True] <= limit), key=lambda x: memo[x, True])
+    log(f"auto_fit: {how if h.auto_fit else 'off'}: step multiplier {math.exp(x):.4f} -> {memo[x, True]} bytes, "
+        f"{memo[x, True] / limit:.2%} of the {limit}-byte budget; {len(clock[False])} estimates in "
+        f"{sum(clock[False]):.1f}s, {len(clock[True])} real artifacts (GPTQ) in {sum(clock[True]):.1f}s")
     return real[x]
 
 def model_config(h: Hyperparameters, looping: bool, temperature: float = 1.0) -> dict:
