@@ -731,14 +731,12 @@ def sdclip_k(name: str, h: Hyperparameters) -> float:
     return {"attn": h.sdclip_attn_k, "mlp": h.sdclip_mlp_k, "bigram": h.sdclip_attn_k}.get(tensor_family(name),
                                                                                           h.sdclip_embed_k)
 
-BASELINE_CLIP_Q = 0.9999984  # the challenge baseline's per-row clip: this quantile of |w_r|, steps >= 1/127
-
 def row_scales(w: torch.Tensor, bits: int, clip_k=None, mult=1.0) -> torch.Tensor:
     """Per-row step x mult: SDClip's clip_k * row std / qmax (clips past clip_k std); clip_k 0, the challenge
-    baseline's BASELINE_CLIP_Q quantile of |w_r| / qmax, at least 1/127; clip_k None, row max / qmax."""
+    baseline script's int8 rule, its 0.9999984 quantile of |w_r| / qmax, at least 1/127; None, row max / qmax."""
     qmax = 2 ** (bits - 1) - 1
     clip = w.abs().amax(dim=1) if clip_k is None else clip_k * w.std(dim=1) if clip_k else torch.quantile(
-        w.abs(), BASELINE_CLIP_Q, dim=1).clamp_min(qmax / 127)
+        w.abs(), 0.9999984, dim=1).clamp_min(qmax / 127)
     return (clip.clamp_min(1e-8) / qmax * mult).half().float().clamp_min(2.0 ** -24)
 
 def fit_grid(bits: int, mult: float) -> tuple[int, float]:
@@ -905,17 +903,14 @@ CODE_ZSTD = zstandard.ZstdCompressionParameters.from_level(  # Huffman-coded lit
 def tensor_role(name: str) -> str:
     """The group a code tensor is compressed in: its family, attention split q/o and k/v, MLP split up and down."""
     family = "lqer" if ".lqer_" in name else tensor_family(name)
-    if family == "attn":
-        return "attn_kv" if ".c_k." in name or ".c_v." in name else "attn_qo"
-    return {"mlp": "mlp_up" if ".mlp.fc." in name else "mlp_down"}.get(family, family)
+    return {"attn": "attn_kv" if ".c_k." in name or ".c_v." in name else "attn_qo",
+            "mlp": "mlp_up" if ".mlp.fc." in name else "mlp_down"}.get(family, family)
 
 def serialize_artifact(qstate: dict, config: dict, h: Hyperparameters) -> bytes:
-    """A zstd frame (ZSTD_LEVEL) of torch.save of the config, grids, scales, fp16 tensors and group table, then a zstd
-    frame per role of the codes of its tensors (tensor_role, e.g. every layer's MLP up-projection), each frame with
-    its checksum. The codes' frames are literals only (CODE_ZSTD): smaller than zstd-22, in milliseconds (README)."""
-    coded, groups = {name: e for name, e in qstate.items() if "q" in e}, {}
-    for name in coded:
-        groups.setdefault(tensor_role(name), []).append(name)
+    """A zstd frame of torch.save(config, grids, scales, fp16 tensors, group table), then one of the codes of each role
+    (tensor_role): literals only (CODE_ZSTD), smaller than zstd-22 and ~100x faster (README). All with checksums."""
+    coded = {name: e for name, e in qstate.items() if "q" in e}
+    groups = {role: [n for n in coded if tensor_role(n) == role] for role in dict.fromkeys(map(tensor_role, coded))}
     frames = [zstandard.ZstdCompressor(compression_params=CODE_ZSTD).compress(
         b"".join(coded[n]["q"].numpy().tobytes() for n in names)) for names in groups.values()]
     buffer = io.BytesIO()
@@ -935,16 +930,12 @@ def deserialize_artifact(data: bytes) -> tuple[dict, dict]:
         rest, qstate = decoder.unused_data, {}
         if not decoder.eof or len(rest) != sum(size for _, size in head["groups"]):
             raise ValueError("truncated, or bytes after the last frame")
-        for names, size in head["groups"]:
-            codes, rest = zstandard.ZstdDecompressor().decompress(rest[:size]), rest[size:]
-            codes, at = torch.frombuffer(bytearray(codes), dtype=torch.int8), 0
-            for name in names:
+        for names, size in head["groups"]:  # split() fails unless the grids add up to the group's codes
+            codes, rest = bytearray(zstandard.ZstdDecompressor().decompress(rest[:size])), rest[size:]
+            codes = torch.frombuffer(codes, dtype=torch.int8).split([math.prod(head["grids"][n][2]) for n in names])
+            for name, q in zip(names, codes):
                 bits, group, shape = head["grids"][name]
-                qstate[name] = {"bits": bits, "group": group, "scale": head["scales"][name],
-                                "q": codes[at:at + math.prod(shape)].view(shape)}
-                at += math.prod(shape)
-            if at != codes.numel():
-                raise ValueError("the codes of a group do not match its grids")
+                qstate[name] = {"bits": bits, "group": group, "scale": head["scales"][name], "q": q.view(shape)}
         return head["config"], {**qstate, **{name: {"data": t} for name, t in head["fp16"].items()}}
     except Exception as exc:
         raise ValueError(f"corrupt artifact: {exc}") from exc
@@ -953,25 +944,23 @@ FIT_TOLERANCE = 0.003  # AUTO_FIT lands the artifact within this fraction under 
 FIT_MULT_RANGE = (0.25, 8.0)  # the step multipliers AUTO_FIT may use
 
 def quantize_within_budget(model: GPT, h: Hyperparameters, hessians, config: dict, log=print) -> bytes:
-    """Quantize and compress. AUTO_FIT searches one multiplier e^x of every step (bytes fall as x grows) so that the
-    artifact lands within FIT_TOLERANCE under the budget (unless the finest steps fit): bisection in x on an estimate,
-    the bytes of round-to-nearest codes without LQER x the ratio real/estimate at the last real artifact (GPTQ, LQER,
-    built at each solution: usually twice), then secant and bisection steps between the real artifacts."""
-    limit, factors, memo, real, clock = budget_bytes(h) - code_bytes(), {}, {}, {}, {False: [], True: []}
+    """Quantize and compress. AUTO_FIT: one multiplier e^x of every step (bytes fall as x grows), bisected on estimates
+    (round-to-nearest codes, no LQER) x the ratio real/estimate at the last real artifact (GPTQ, LQER; built usually
+    twice), then secant steps between real ones, until within FIT_TOLERANCE under the budget (or the finest fit)."""
+    limit, factors, memo, clock = budget_bytes(h) - code_bytes(), {}, {}, {False: [], True: []}
 
-    def size(x, is_real=False):  # bytes of the real artifact (kept in `real`) or of the estimate
+    def size(x, is_real=False):  # bytes of the real artifact (kept in memo) or of the estimate
         if (x, is_real) not in memo:
             t0, hh = time.perf_counter(), h if is_real else replace(h, lqer_rank=0)
             blob = serialize_artifact(quantize_state(model, hh, hessians if is_real else None, math.exp(x), factors),
                                       config, h)
-            memo[x, is_real] = len(blob)
-            real.update({x: blob} if is_real else {})
+            memo[x, is_real] = blob if is_real else len(blob)
             clock[is_real].append(time.perf_counter() - t0)
-        return memo[x, is_real]
+        return len(memo[x, True]) if is_real else memo[x, False]
 
     lo, hi = (math.log(m) for m in FIT_MULT_RANGE) if h.auto_fit else (0.0, 0.0)
     target, ratio, how = limit * (1 - FIT_TOLERANCE / 2), 1.0, "the finest steps fit"
-    too_large = lambda: ArtifactTooLarge(f"artifact is {memo[hi, True]} bytes, over the {limit}-byte limit even with "
+    too_large = lambda: ArtifactTooLarge(f"artifact is {size(hi, True)} bytes, over the {limit}-byte limit even with "
                                          f"every step x{round(math.exp(hi), 4)}" + (": fewer parameters or bits are "
                                          "needed" if h.auto_fit else " (AUTO_FIT=0)"))
     if h.auto_fit and size(lo) > limit or size(lo, True) > limit:
@@ -979,9 +968,9 @@ def quantize_within_budget(model: GPT, h: Hyperparameters, hessians, config: dic
         if not h.auto_fit or size(hi) > target and size(hi, True) > limit:
             raise too_large()
         for step in range(10):
-            over, under = [x for x in real if memo[x, True] > limit], [x for x in real if memo[x, True] <= limit]
+            over, under = ([x for x, r in memo if r and (size(x, True) > limit) is side] for side in (True, False))
             if step >= 2 and over and under:  # secant and bisection steps between the closest real artifacts
-                (a, na), (b, nb) = ((x, memo[x, True]) for x in (max(over), min(under)))
+                (a, na), (b, nb) = ((x, size(x, True)) for x in (max(over), min(under)))
                 x = (a + b) / 2 if step % 2 else a + (b - a) * (na - target) / (na - nb)
             else:  # bisection on the estimate x ratio
                 a, b = lo, hi
@@ -991,15 +980,15 @@ def quantize_within_budget(model: GPT, h: Hyperparameters, hessians, config: dic
                         break
                     a, b = (x, b) if size(x) * ratio > target else (a, x)
             ratio = size(x, True) / size(x)
-            if limit * (1 - FIT_TOLERANCE) <= memo[x, True] <= limit:
+            if limit * (1 - FIT_TOLERANCE) <= size(x, True) <= limit:
                 break
-    if all(memo[x, True] > limit for x in real) and size(hi, True) > limit:
+    if all(size(x, True) > limit for x, r in memo if r) and size(hi, True) > limit:
         raise too_large()
-    x = max((x for x in real if memo[x, True] <= limit), key=lambda x: memo[x, True])
-    log(f"auto_fit: {how if h.auto_fit else 'off'}: step multiplier {math.exp(x):.4f} -> {memo[x, True]} bytes, "
-        f"{memo[x, True] / limit:.2%} of the {limit}-byte budget; {len(clock[False])} estimates in "
+    x = max((x for x, r in memo if r and size(x, True) <= limit), key=lambda x: size(x, True))
+    log(f"auto_fit: {how if h.auto_fit else 'off'}: step multiplier {math.exp(x):.4f} -> {size(x, True)} bytes, "
+        f"{size(x, True) / limit:.2%} of the {limit}-byte budget; {len(clock[False])} estimates in "
         f"{sum(clock[False]):.1f}s, {len(clock[True])} real artifacts (GPTQ) in {sum(clock[True]):.1f}s")
-    return real[x]
+    return memo[x, True]
 
 def model_config(h: Hyperparameters, looping: bool, temperature: float = 1.0) -> dict:
     return {**{k: getattr(h, k) for k in MODEL_KNOBS}, "looping": looping, "temperature": temperature}
