@@ -9,11 +9,12 @@ from DATA_PATH's training shards).
 Layouts of the code tensors (scales, fp16 tensors and the config always go in one extra stream of the compressor):
     state      one stream over torch.save of everything (one general-purpose compressor over the whole state)
     tensor     a stream per code tensor (artifact format 3 with zstd)
-    group      code tensors grouped by role (attention q/o, k/v, MLP up, MLP down, embedding, ...), a stream each
+    group      code tensors grouped by role (train_gpt.tensor_role), a stream each (format 4 with zstd-literal)
     group_t    the same, each matrix transposed (column after column)
     group_st   the same, the rows of the large groups sorted so neighbours are similar (greedy L1), then
                transposed; the permutations (uint16) are one more stream, counted
-Compressors: zstd-22, lzma (xz, preset 9 extreme), brotli-11 (if installed). One JSON line per (layout, compressor),
+Compressors: zstd-22, zstd-literal (the artifact's code frames: train_gpt.CODE_ZSTD, Huffman-coded literals only; the
+rest with zstd-22), lzma (xz, preset 9 extreme), brotli-11 (if installed). One JSON line per (layout, compressor),
 then a markdown table. Also printed: the artifact's own size (train_gpt.serialize_artifact) for reference.
 
     python bench/serialize_compare.py --checkpoint /tmp/ckpt_s1.pt --data /tmp/wiki_sp1024 --mult 3.4 \\
@@ -44,22 +45,16 @@ try:
 except ImportError:  # optional: compared only when installed
     brotli = None
 
-COMPRESSORS = {
+COMPRESSORS = {  # name -> (compressor of the code streams, of the rest)
     "zstd-22": lambda b: zstandard.ZstdCompressor(level=22).compress(b),
+    "zstd-literal": lambda b: zstandard.ZstdCompressor(compression_params=tg.CODE_ZSTD).compress(b),
     "lzma-9e": lambda b: lzma.compress(b, preset=9 | lzma.PRESET_EXTREME),
 }
 if brotli is not None:
     COMPRESSORS["brotli-11"] = lambda b: brotli.compress(b, quality=11, lgwin=24)
 
 
-def role(name: str) -> str:
-    if ".lqer_" in name:
-        return "lqer"
-    for key, part in (("attn_qo", (".attn.c_q.", ".attn.proj.")), ("attn_kv", (".attn.c_k.", ".attn.c_v.")),
-                      ("mlp_up", (".mlp.fc.",)), ("mlp_down", (".mlp.proj.",))):
-        if name.startswith("blocks.") and any(p in name for p in part):
-            return key
-    return {"tok_emb.weight": "embed", "bigram.table.weight": "bigram"}.get(name, "other")
+role = tg.tensor_role
 
 
 def simsort(q: torch.Tensor) -> np.ndarray:
@@ -76,6 +71,12 @@ def simsort(q: torch.Tensor) -> np.ndarray:
         order.append(nxt)
         d[:, nxt] = big
     return np.array(order, dtype=np.uint16)
+
+
+def order0_bytes(data: bytes) -> float:
+    counts = np.bincount(np.frombuffer(data, dtype=np.uint8), minlength=256).astype(np.float64)
+    counts = counts[counts > 0]
+    return float(-(counts * np.log2(counts / counts.sum())).sum() / 8)
 
 
 def streams(qstate: dict, config: dict, layout: str, sort_roles=("embed", "attn_qo", "mlp_up")) -> list[bytes]:
@@ -145,13 +146,17 @@ def main(argv=None) -> int:
         prep = time.perf_counter() - t0
         for cname, fn in COMPRESSORS.items():
             t0 = time.perf_counter()
-            size = sum(len(fn(p)) for p in parts)
+            rest = COMPRESSORS["zstd-22"] if cname == "zstd-literal" else fn  # literals only: the codes' streams
+            size = len(rest(parts[0])) + sum(len(fn(p)) for p in parts[1:])
             rows[(layout, cname)] = size
             print(json.dumps({"label": args.label, "layout": layout, "compressor": cname, "bytes": size,
                               "streams": len(parts), "prep_s": round(prep, 1),
                               "compress_s": round(time.perf_counter() - t0, 1)}), flush=True)
     layouts = args.layouts.split(",")
-    print(f"\nartifact format in train_gpt.py: {ref:,} bytes\n")
+    floor = sum(order0_bytes(b) for b in streams(qstate, config, "group")[1:])
+    print(json.dumps({"label": args.label, "layout": "group", "compressor": "order-0 entropy of the codes (a floor "
+                      "for a coder without context)", "bytes": round(floor)}))
+    print(f"\nartifact format in train_gpt.py: {ref:,} bytes; order-0 entropy of the grouped codes: {floor:,.0f}\n")
     print("| layout | " + " | ".join(COMPRESSORS) + " |\n|---|" + "---|" * len(COMPRESSORS))
     for layout in layouts:
         print(f"| {layout} | " + " | ".join(f"{rows[(layout, c)]:,}" for c in COMPRESSORS) + " |")
