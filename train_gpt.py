@@ -17,7 +17,7 @@ import math
 import os
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 
 import numpy as np
 import sentencepiece as spm
@@ -123,7 +123,7 @@ class Hyperparameters:
     quant_embed_bits: int = 8
     quant_bigram_bits: int = 6
     quant_small_bits: int = 0  # small tensors (gains, mixes, scalars) 0: fp16; 8: int8, a scale per row. Gates: int8
-    sdclip_attn_k: float = 8.0  # SDClip: step = k * row std / qmax, so rows clip at k std (the README's k sweep)
+    sdclip_attn_k: float = 8.0  # SDClip: step = k * row std / qmax, so rows clip at k std; 0: the baseline's clip
     sdclip_mlp_k: float = 8.0
     sdclip_embed_k: float = 6.0
     passthrough_max_numel: int = 65_536
@@ -211,6 +211,7 @@ class Hyperparameters:
             (self.attn_gate and self.model_dim < GATE_DIMS, f"ATTN_GATE reads {GATE_DIMS} dims: MODEL_DIM is smaller"),
             (self.ttt_mode != "chunked" and self.ttt_lora_chunk > self.eval_seq_len,
              "TTT_LORA_CHUNK must not exceed EVAL_SEQ_LEN (a chunk is scored in one window)"),
+            (min(self.sdclip_attn_k, self.sdclip_mlp_k, self.sdclip_embed_k) < 0, "SDCLIP_*_K must be >= 0"),
             (not 0 < self.max_artifact_bytes <= CHALLENGE_MAX_BYTES,
              f"MAX_ARTIFACT_BYTES may lower the challenge's {CHALLENGE_MAX_BYTES}-byte cap, never raise it")]
         for broken, message in rules:
@@ -251,9 +252,10 @@ PRESETS: dict[str, dict[str, object]] = {
     "naive_baseline": dict(
         NUM_LAYERS=9, MLP_MULT=2, MLP_ACT="relu2", TRAIN_SEQ_LEN=1024, EVAL_SEQ_LEN=1024, TRAIN_BATCH_TOKENS=524_288,
         SMEAR_GATE=0, BIGRAM_BUCKETS=0, XSA_LAST_N=0, ROPE_DIMS=0, ROPE_NTK=0, LN_SCALE=0, ORTHO_INIT=0, QAT=0,
-        AVERAGING="none", GPTQ=0, QUANT_ATTN_BITS=8, QUANT_MLP_BITS=8, AUTO_FIT=0, TTT=0, MUON_WD=0, ADAM_WD=0,
-        EMBED_WD=0, GRAD_CLIP_NORM=0, WARMDOWN_FRAC=0.09, MATRIX_LR=0.04, SCALAR_LR=0.04, EMBED_LR=0.05,
-        MUON_MOMENTUM=0.95, MUON_MOMENTUM_WARMUP_START=0.85, MUON_MOMENTUM_WARMUP_STEPS=500),
+        AVERAGING="none", GPTQ=0, QUANT_ATTN_BITS=8, QUANT_MLP_BITS=8, SDCLIP_ATTN_K=0, SDCLIP_MLP_K=0,
+        SDCLIP_EMBED_K=0, AUTO_FIT=0, TTT=0, MUON_WD=0, ADAM_WD=0, EMBED_WD=0, GRAD_CLIP_NORM=0, WARMDOWN_FRAC=0.09,
+        MATRIX_LR=0.04, SCALAR_LR=0.04, EMBED_LR=0.05, MUON_MOMENTUM=0.95, MUON_MOMENTUM_WARMUP_START=0.85,
+        MUON_MOMENTUM_WARMUP_STEPS=500),
     "frontier": dict(
         VOCAB_SIZE=8192, DATA_PATH="./data/datasets/fineweb10B_sp8192_lossless_caps_caseops_v1_reserved",
         TOKENIZER_PATH="./data/tokenizers/fineweb_8192_bpe_lossless_caps_caseops_v1_reserved.model", MLP_MULT=4, XSA_LAST_N=11, QK_GAIN_INIT=5.0,
@@ -841,9 +843,12 @@ def sdclip_k(name: str, h: Hyperparameters) -> float:
                                                                                           h.sdclip_embed_k)
 
 def row_scales(w: torch.Tensor, bits: int, clip_k=None, mult=1.0) -> torch.Tensor:
-    """Per-row step x mult: SDClip's clip_k * row std / qmax (clips past clip_k std), or row max / qmax (None)."""
-    clip = w.abs().amax(dim=1) if clip_k is None else clip_k * w.std(dim=1)
-    return (clip.clamp_min(1e-8) / (2 ** (bits - 1) - 1) * mult).half().float().clamp_min(2.0 ** -24)
+    """Per-row step x mult: SDClip's clip_k * row std / qmax (clips past clip_k std); clip_k 0, the challenge
+    baseline script's int8 rule, its 0.9999984 quantile of |w_r| / qmax, at least 1/127; None, row max / qmax."""
+    qmax = 2 ** (bits - 1) - 1
+    clip = w.abs().amax(dim=1) if clip_k is None else clip_k * w.std(dim=1) if clip_k else torch.quantile(
+        w.abs(), 0.9999984, dim=1).clamp_min(qmax / 127)
+    return (clip.clamp_min(1e-8) / qmax * mult).half().float().clamp_min(2.0 ** -24)
 
 def fit_grid(bits: int, mult: float) -> tuple[int, float]:
     """(code range, multiplier): finer steps (mult < 1) widen the codes to keep the clip range, up to int8's 127."""
@@ -1002,84 +1007,99 @@ def dequantize_state(qstate: dict) -> dict:
             out[name] = out[name] + dequantize_entry(qstate[name + ".lqer_a"]) @ dequantize_entry(qstate[name + ".lqer_b"])
     return out
 
-ARTIFACT_MAGIC = "parameter-golf-artifact-3"
+ARTIFACT_MAGIC = "parameter-golf-artifact-4"
+CODE_ZSTD = zstandard.ZstdCompressionParameters.from_level(  # Huffman-coded literals only (no matches): README
+    3, strategy=zstandard.STRATEGY_FAST, min_match=7, search_log=1, hash_log=10, chain_log=10, write_checksum=1)
 
-def serialize_artifact(qstate: dict, config: dict, h: Hyperparameters, level: int | None = None) -> bytes:
-    """zstd over torch.save of the config, scales, fp16 tensors and codes, each code tensor compressed on its own
-    first (one stream over all codes was up to 10% larger and erratic in size: README). `level`: search trials."""
-    zstd = zstandard.ZstdCompressor(level=level or h.zstd_level, write_checksum=True)  # 4 bytes/frame: flips fail
-    quantized = {name: e for name, e in qstate.items() if "q" in e}
-    payload = {"magic": ARTIFACT_MAGIC, "config": config,
-               "grids": {name: (e["bits"], e["group"], tuple(e["q"].shape)) for name, e in quantized.items()},
-               "codes": {name: torch.frombuffer(bytearray(zstd.compress(e["q"].numpy().tobytes())), dtype=torch.uint8)
-                         for name, e in quantized.items()},
-               "scales": {name: e["scale"] for name, e in quantized.items()},
-               "fp16": {name: e["data"] for name, e in qstate.items() if "data" in e}}
+def tensor_role(name: str) -> str:
+    """The group a code tensor is compressed in: its family, attention split q/o and k/v, MLP split up and down."""
+    family = "lqer" if ".lqer_" in name else tensor_family(name)
+    return {"attn": "attn_kv" if ".c_k." in name or ".c_v." in name else "attn_qo",
+            "mlp": "mlp_up" if ".mlp.fc." in name else "mlp_down"}.get(family, family)
+
+def serialize_artifact(qstate: dict, config: dict, h: Hyperparameters) -> bytes:
+    """A zstd frame of torch.save(config, grids, scales, fp16 tensors, group table), then one of the codes of each role
+    (tensor_role): literals only (CODE_ZSTD), smaller than zstd-22 and ~100x faster (README). All with checksums."""
+    coded = {name: e for name, e in qstate.items() if "q" in e}
+    groups = {role: [n for n in coded if tensor_role(n) == role] for role in dict.fromkeys(map(tensor_role, coded))}
+    frames = [zstandard.ZstdCompressor(compression_params=CODE_ZSTD).compress(
+        b"".join(coded[n]["q"].numpy().tobytes() for n in names)) for names in groups.values()]
     buffer = io.BytesIO()
-    torch.save(payload, buffer)
-    return zstd.compress(buffer.getvalue())
+    torch.save({"magic": ARTIFACT_MAGIC, "config": config, "groups": list(zip(groups.values(), map(len, frames))),
+                "grids": {name: (e["bits"], e["group"], tuple(e["q"].shape)) for name, e in coded.items()},
+                "scales": {name: e["scale"] for name, e in coded.items()},
+                "fp16": {name: e["data"] for name, e in qstate.items() if "data" in e}}, buffer)
+    return zstandard.ZstdCompressor(level=h.zstd_level, write_checksum=True).compress(buffer.getvalue()) + \
+        b"".join(frames)
 
 def deserialize_artifact(data: bytes) -> tuple[dict, dict]:
     decoder = zstandard.ZstdDecompressor().decompressobj()
     try:
-        blob = decoder.decompress(data)
-        if not decoder.eof or decoder.unused_data:
-            raise ValueError("truncated, or bytes after the compressed stream")
-        payload = torch.load(io.BytesIO(blob), weights_only=True)
-        if not isinstance(payload, dict) or payload.get("magic") != ARTIFACT_MAGIC:
+        head = torch.load(io.BytesIO(decoder.decompress(data)), weights_only=True)
+        if not isinstance(head, dict) or head.get("magic") != ARTIFACT_MAGIC:
             raise ValueError("not a Parameter Golf artifact of this version (bad magic)")
-        unzstd = zstandard.ZstdDecompressor()
-        qstate = {name: {"bits": bits, "group": group, "scale": payload["scales"][name], "q": torch.frombuffer(
-            bytearray(unzstd.decompress(payload["codes"][name].numpy().tobytes())), dtype=torch.int8).view(shape)}
-            for name, (bits, group, shape) in payload["grids"].items()}
-        return payload["config"], {**qstate, **{name: {"data": t} for name, t in payload["fp16"].items()}}
+        rest, qstate = decoder.unused_data, {}
+        if not decoder.eof or len(rest) != sum(size for _, size in head["groups"]):
+            raise ValueError("truncated, or bytes after the last frame")
+        for names, size in head["groups"]:  # split() fails unless the grids add up to the group's codes
+            codes, rest = bytearray(zstandard.ZstdDecompressor().decompress(rest[:size])), rest[size:]
+            codes = torch.frombuffer(codes, dtype=torch.int8).split([math.prod(head["grids"][n][2]) for n in names])
+            for name, q in zip(names, codes):
+                bits, group, shape = head["grids"][name]
+                qstate[name] = {"bits": bits, "group": group, "scale": head["scales"][name], "q": q.view(shape)}
+        return head["config"], {**qstate, **{name: {"data": t} for name, t in head["fp16"].items()}}
     except Exception as exc:
         raise ValueError(f"corrupt artifact: {exc}") from exc
 
 FIT_TOLERANCE = 0.003  # AUTO_FIT lands the artifact within this fraction under the budget
 FIT_MULT_RANGE = (0.25, 8.0)  # the step multipliers AUTO_FIT may use
-FIT_FAST_LEVEL = 3
 
 def quantize_within_budget(model: GPT, h: Hyperparameters, hessians, config: dict, log=print) -> bytes:
-    """Quantize and compress. AUTO_FIT searches one multiplier m of every step (bytes fall as m grows) in log m until
-    the artifact lands within FIT_TOLERANCE under the budget (unless the finest steps fit): a bisection on fast-level
-    sizes x the final/fast ratio gets close, then secant/bisection steps at the final level inside a verified bracket."""
-    limit, factors, t0, trials, last = budget_bytes(h) - code_bytes(), {}, time.perf_counter(), [0], {}
+    """Quantize and compress. AUTO_FIT: one multiplier e^x of every step (bytes fall as x grows), bisected on estimates
+    (round-to-nearest codes, no LQER) x the ratio real/estimate at the last real artifact (GPTQ, LQER; built usually
+    twice), then secant steps between real ones, until within FIT_TOLERANCE under the budget (or the finest fit)."""
+    limit, factors, memo, clock = budget_bytes(h) - code_bytes(), {}, {}, {False: [], True: []}
 
-    def make(mult, level=None):  # the quantized state of the last multiplier is reused by its other compression
-        trials[0] += 1
-        if last.get("mult") != mult:
-            last.update(mult=mult, state=quantize_state(model, h, hessians, mult, factors))
-        return serialize_artifact(last["state"], config, h, level)
+    def size(x, is_real=False):  # bytes of the real artifact (kept in memo) or of the estimate
+        if (x, is_real) not in memo:
+            t0, hh = time.perf_counter(), h if is_real else replace(h, lqer_rank=0)
+            blob = serialize_artifact(quantize_state(model, hh, hessians if is_real else None, math.exp(x), factors),
+                                      config, h)
+            memo[x, is_real] = blob if is_real else len(blob)
+            clock[is_real].append(time.perf_counter() - t0)
+        return len(memo[x, True]) if is_real else memo[x, False]
 
-    lo, hi = FIT_MULT_RANGE if h.auto_fit else (1.0, 1.0)
-    best, best_mult, how = make(lo), lo, "the finest steps fit"
-    if len(best) > limit and h.auto_fit:
-        over, (best, best_mult, how) = (math.log(lo), len(best)), (make(hi), hi, "searched")
-    if len(best) > limit:
-        raise ArtifactTooLarge(f"artifact is {len(best)} bytes, over the {limit}-byte limit even with every step x{hi}"
-                               + (" (AUTO_FIT=0)" if not h.auto_fit else ": fewer parameters or bits are needed"))
-    if how == "searched":
-        target, fit, (a, b) = limit * (1 - FIT_TOLERANCE / 2), (math.log(hi), len(best)), (math.log(lo), math.log(hi))
-        ratio = len(best) / len(make(hi, FIT_FAST_LEVEL))
-        for _ in range(20):
-            x = (a + b) / 2
-            estimate = len(make(math.exp(x), FIT_FAST_LEVEL)) * ratio
-            if abs(estimate - target) < limit * FIT_TOLERANCE / 4:
+    lo, hi = (math.log(m) for m in FIT_MULT_RANGE) if h.auto_fit else (0.0, 0.0)
+    target, ratio, how = limit * (1 - FIT_TOLERANCE / 2), 1.0, "the finest steps fit"
+    too_large = lambda: ArtifactTooLarge(f"artifact is {size(hi, True)} bytes, over the {limit}-byte limit even with "
+                                         f"every step x{round(math.exp(hi), 4)}" + (": fewer parameters or bits are "
+                                         "needed" if h.auto_fit else " (AUTO_FIT=0)"))
+    if h.auto_fit and size(lo) > limit or size(lo, True) > limit:
+        how = "searched"
+        if not h.auto_fit or size(hi) > target and size(hi, True) > limit:
+            raise too_large()
+        for step in range(10):
+            over, under = ([x for x, r in memo if r and (size(x, True) > limit) is side] for side in (True, False))
+            if step >= 2 and over and under:  # secant and bisection steps between the closest real artifacts
+                (a, na), (b, nb) = ((x, size(x, True)) for x in (max(over), min(under)))
+                x = (a + b) / 2 if step % 2 else a + (b - a) * (na - target) / (na - nb)
+            else:  # bisection on the estimate x ratio
+                a, b = lo, hi
+                for _ in range(40):
+                    x = (a + b) / 2
+                    if abs(size(x) * ratio - target) < limit * FIT_TOLERANCE / 8:
+                        break
+                    a, b = (x, b) if size(x) * ratio > target else (a, x)
+            ratio = size(x, True) / size(x)
+            if limit * (1 - FIT_TOLERANCE) <= size(x, True) <= limit:
                 break
-            a, b = (x, b) if estimate > target else (a, x)
-        for step in range(12):
-            blob = make(math.exp(x))
-            over, fit = ((x, len(blob)), fit) if len(blob) > limit else (over, (x, len(blob)))
-            if len(blob) <= limit and len(blob) > len(best):
-                best, best_mult = blob, math.exp(x)
-            if len(best) >= limit * (1 - FIT_TOLERANCE):
-                break
-            secant = over[0] + (fit[0] - over[0]) * (over[1] - target) / (over[1] - fit[1])
-            x = secant if step % 2 == 0 else (over[0] + fit[0]) / 2
-    log(f"auto_fit: {how if h.auto_fit else 'off'}: step multiplier {best_mult:.4f} -> {len(best)} bytes, "
-        f"{len(best) / limit:.2%} of the {limit}-byte budget; {trials[0]} trials in {time.perf_counter() - t0:.1f}s")
-    return best
+    if all(size(x, True) > limit for x, r in memo if r) and size(hi, True) > limit:
+        raise too_large()
+    x = max((x for x, r in memo if r and size(x, True) <= limit), key=lambda x: size(x, True))
+    log(f"auto_fit: {how if h.auto_fit else 'off'}: step multiplier {math.exp(x):.4f} -> {size(x, True)} bytes, "
+        f"{size(x, True) / limit:.2%} of the {limit}-byte budget; {len(clock[False])} estimates in "
+        f"{sum(clock[False]):.1f}s, {len(clock[True])} real artifacts (GPTQ) in {sum(clock[True]):.1f}s")
+    return memo[x, True]
 
 def model_config(h: Hyperparameters, looping: bool, temperature: float = 1.0) -> dict:
     return {**{k: getattr(h, k) for k in MODEL_KNOBS}, "looping": looping, "temperature": temperature}

@@ -1199,6 +1199,7 @@ def test_preset_naive_baseline_is_the_challenge_baseline():
     assert (h.num_layers, h.model_dim, h.num_heads, h.num_kv_heads, h.mlp_mult, h.mlp_act) == (9, 512, 8, 4, 2, "relu2")
     assert (h.train_seq_len, h.eval_seq_len, h.train_batch_tokens, h.vocab_size) == (1024, 1024, 524_288, 1024)
     assert (h.quant_attn_bits, h.quant_mlp_bits, h.quant_embed_bits) == (8, 8, 8)
+    assert (h.sdclip_attn_k, h.sdclip_mlp_k, h.sdclip_embed_k) == (0, 0, 0)  # the baseline's own int8 clip
     assert not (h.ttt or h.gptq or h.qat or h.auto_fit or h.smear_gate or h.ln_scale or h.ortho_init or h.rope_ntk)
     assert (h.bigram_buckets, h.xsa_last_n, h.rope_dims, h.averaging) == (0, 0, 0, "none")
     assert (h.muon_wd, h.adam_wd, h.embed_wd, h.grad_clip_norm) == (0, 0, 0, 0)

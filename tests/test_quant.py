@@ -254,6 +254,36 @@ def test_larger_sdclip_k_gives_fewer_bytes(bits):
     assert errors[0] > 3 * errors[best] and errors[-1] > 1.5 * errors[best], errors
 
 
+def baseline_int8(t: torch.Tensor):
+    """The challenge baseline script's per-row int8 rule (its quantize_float_tensor, for a matrix), restated."""
+    clip = torch.quantile(t.float().abs(), 0.9999984, dim=1)
+    scale = (clip / 127.0).clamp_min(1.0 / 127.0)
+    clipped = torch.maximum(torch.minimum(t.float(), clip[:, None]), -clip[:, None])
+    return torch.clamp(torch.round(clipped / scale[:, None]), -127, 127).to(torch.int8), scale.half()
+
+
+@pytest.mark.parametrize("spread", [0.02, 1.0, 30.0])
+def test_sdclip_k0_is_the_challenge_baselines_int8_clip(spread):
+    """clip_k 0 (SDCLIP_*_K=0, the naive_baseline preset's export): the baseline script's rule, a clip at its
+    quantile of |w| per row (about the row max) and a step floor of 1/127. Same fp16 scales; codes equal but for
+    rounding on the fp16 scale where the baseline rounds on the fp32 one, off by at most one step."""
+    w = make_matrix(7)[:, :160] * spread
+    w[3] = 0.0
+    q, s = tg.quantize_rows(w, 8, clip_k=0.0)
+    q_ref, s_ref = baseline_int8(w)
+    assert torch.equal(s, s_ref)
+    assert (q.int() - q_ref.int()).abs().max() <= 1 and (q != q_ref).float().mean() < 0.01
+    assert torch.equal(tg.row_scales(w, 8, clip_k=0.0), s.float())
+    small = w.abs().amax(1) < 0.99  # rows of small weights: the floor, 1/127 steps, part of the code range used
+    assert small.sum() >= (40 if spread == 0.02 else 1)
+    assert (s.float()[small] == torch.tensor(1 / 127).half().float()).all() and (q[small].abs().amax(1) < 127).all()
+    h = tg.Hyperparameters.from_env({"PRESET": "naive_baseline"})
+    assert {tg.sdclip_k(n, h) for n in ("tok_emb.weight", "blocks.0.attn.c_q.weight", "blocks.0.mlp.fc.weight")} == {0}
+    for knob in ("SDCLIP_ATTN_K", "SDCLIP_MLP_K", "SDCLIP_EMBED_K"):
+        with pytest.raises(tg.KnobError, match="SDCLIP"):
+            tg.Hyperparameters.from_env({knob: "-1"})
+
+
 def test_sdclip_k_per_family(tiny_hparams):
     """sdclip_k: attention matrices SDCLIP_ATTN_K, MLP matrices SDCLIP_MLP_K, the tied embedding SDCLIP_EMBED_K,
     the bigram table (int6 like attention) SDCLIP_ATTN_K; always a float. quantize_state steps every per-row
@@ -698,14 +728,15 @@ def test_lqer_artifact_round_trip_is_self_describing(lqer_setup):
 
 @pytest.fixture(scope="module")
 def small_artifact(sample_data):
-    h = tg.Hyperparameters.from_env({**TINY_KNOBS, "DATA_PATH": str(sample_data), "ZSTD_LEVEL": "3"})
+    h = tg.Hyperparameters.from_env({**TINY_KNOBS, "DATA_PATH": str(sample_data), "ZSTD_LEVEL": "3",
+                                     "QUANT_SMALL_BITS": "8"})  # int8 gains and mixes: a group of small codes
     qs = tg.quantize_state(randomized_model(h, seed=1), h)
     return h, qs, tg.serialize_artifact(qs, tg.model_config(h, looping=True, temperature=0.95), h)
 
 
 def test_artifact_round_trip(small_artifact):
     h, qs, blob = small_artifact
-    assert blob[:4] == b"\x28\xb5\x2f\xfd"  # one zstd frame
+    assert blob[:4] == b"\x28\xb5\x2f\xfd"  # a zstd frame first (the head)
     config, back = tg.deserialize_artifact(blob)
     assert config == tg.model_config(h, looping=True, temperature=0.95)
     assert set(back) == set(qs)
@@ -723,86 +754,138 @@ def test_artifact_round_trip(small_artifact):
         else:
             assert torch.equal(deq[name], e["data"].float())
         assert deq[name].dtype == torch.float32
-    # the zstd level changes the bytes, not the content
-    level19 = tg.serialize_artifact(qs, config, h, level=19)
+    # the head's zstd level changes the bytes, not the content; the codes' frames do not depend on it
+    level19 = tg.serialize_artifact(qs, config, dataclasses.replace(h, zstd_level=19))
     assert level19 != blob and tg.deserialize_artifact(level19)[0] == config
+    assert split_frames(level19)[1] == split_frames(blob)[1]
 
 
 def test_corrupt_artifacts_raise_value_error(small_artifact):
     """Structural damage is a ValueError naming the problem, never accepted or leaked as another exception."""
     h, qs, blob = small_artifact
-    raw = zstandard.ZstdDecompressor().decompress(blob)
+    head, frames = split_frames(blob)
+    j = next(j for j, f in enumerate(frames) if len(zstandard.ZstdDecompressor().decompress(f)) !=
+             len(zstandard.ZstdDecompressor().decompress(frames[0])))
     cases = {"truncated": blob[:-16], "trailing bytes": blob + b"\x00\x00\x00\x00", "not zstd": b"X" + blob[1:],
-             "empty": b"", "not a torch file": zstandard.ZstdCompressor().compress(b"hello" * 50)}
+             "empty": b"", "not a torch file": zstandard.ZstdCompressor().compress(b"hello" * 50),
+             "head only": head, "a frame missing": head + b"".join(frames[1:]),
+             "frames swapped": head + b"".join([frames[j], *frames[1:j], frames[0], *frames[j + 1:]])}
     for what, data in cases.items():
         with pytest.raises(ValueError, match="corrupt artifact"):
             tg.deserialize_artifact(data)
-    for old in ("parameter-golf-artifact-1", "parameter-golf-artifact-2"):  # earlier formats are refused
+    for old in ("parameter-golf-artifact-2", "parameter-golf-artifact-3"):  # earlier formats are refused
         buf = io.BytesIO()
         torch.save({"magic": old, "config": {}}, buf)
         with pytest.raises(ValueError, match="bad magic"):
             tg.deserialize_artifact(zstandard.ZstdCompressor().compress(buf.getvalue()))
-    payload = artifact_payload(blob)  # format 3 minus its per-tensor streams: refused as well
+    payload = head_payload(blob)  # format 4 without its group table: refused as well
     with pytest.raises(ValueError, match="corrupt artifact"):
-        tg.deserialize_artifact(repack({k: v for k, v in payload.items() if k != "codes"}))
-    assert len(raw) > len(blob)  # the intact one really is compressed, and loads
+        tg.deserialize_artifact(repack({k: v for k, v in payload.items() if k != "groups"}, frames))
     tg.deserialize_artifact(blob)
 
 
-def artifact_payload(blob: bytes) -> dict:
-    """The torch.save payload inside an artifact (the outer zstd frame undone)."""
-    return torch.load(io.BytesIO(zstandard.ZstdDecompressor().decompress(blob)), weights_only=True)
+def split_frames(blob: bytes) -> tuple[bytes, list[bytes]]:
+    """The artifact cut into its frames: the head, then one frame per group of codes (the sizes the head gives)."""
+    decoder = zstandard.ZstdDecompressor().decompressobj()
+    payload = torch.load(io.BytesIO(decoder.decompress(blob)), weights_only=True)
+    rest = decoder.unused_data
+    frames, at = [], 0
+    for _, size in payload["groups"]:
+        frames.append(rest[at:at + size])
+        at += size
+    assert at == len(rest)
+    return blob[:len(blob) - len(rest)], frames
 
 
-def repack(payload: dict) -> bytes:
-    """A payload saved and compressed again, as serialize_artifact's outer layer does."""
+def head_payload(blob: bytes) -> dict:
+    """The torch.save payload of an artifact's head frame."""
+    return torch.load(io.BytesIO(zstandard.ZstdDecompressor().decompress(split_frames(blob)[0])), weights_only=True)
+
+
+def repack(payload: dict, frames: list[bytes]) -> bytes:
+    """A head payload saved and compressed again (with a checksum, as serialize_artifact does), then the frames."""
     buf = io.BytesIO()
     torch.save(payload, buf)
-    return zstandard.ZstdCompressor(level=3).compress(buf.getvalue())
+    return zstandard.ZstdCompressor(level=3, write_checksum=True).compress(buf.getvalue()) + b"".join(frames)
 
 
-def test_artifact_payload_layout(small_artifact):
-    """Format 3: every tensor of codes is its own zstd frame of its int8 bytes, stored as a 1-D uint8 tensor in
-    payload["codes"]; payload["grids"] holds its (bits, group, shape); scales and fp16 tensors are stored as is."""
+def test_artifact_layout(small_artifact):
+    """Format 4: a head frame (config, grids, scales, fp16 tensors, the group table), then one zstd frame per role
+    (tensor_role) holding the int8 codes of its tensors one after the other, in the table's order."""
     h, qs, blob = small_artifact
-    payload = artifact_payload(blob)
-    assert tg.ARTIFACT_MAGIC == "parameter-golf-artifact-3" and payload["magic"] == tg.ARTIFACT_MAGIC
-    assert set(payload) == {"magic", "config", "grids", "codes", "scales", "fp16"}
+    payload = head_payload(blob)
+    _, frames = split_frames(blob)
+    assert tg.ARTIFACT_MAGIC == "parameter-golf-artifact-4" and payload["magic"] == tg.ARTIFACT_MAGIC
+    assert set(payload) == {"magic", "config", "groups", "grids", "scales", "fp16"}
     coded = {n for n, e in qs.items() if "q" in e}
-    assert len(coded) > 10 and set(payload["grids"]) == set(payload["codes"]) == set(payload["scales"]) == coded
+    assert len(coded) > 10 and set(payload["grids"]) == set(payload["scales"]) == coded
     assert set(payload["fp16"]) == set(qs) - coded
-    for name in coded:
-        e, stream = qs[name], payload["codes"][name]
-        assert payload["grids"][name] == (e["bits"], e["group"], tuple(e["q"].shape)), name
-        assert stream.dtype == torch.uint8 and stream.ndim == 1
-        data = stream.numpy().tobytes()
-        assert data[:4] == b"\x28\xb5\x2f\xfd", name  # a zstd frame of its own
-        assert zstandard.ZstdDecompressor().decompress(data) == e["q"].numpy().tobytes(), name
-        if e["q"].numel() >= 4096:  # a matrix's codes: compressed, under a byte each
-            assert len(data) < e["q"].numel(), (name, len(data))
-        assert torch.equal(payload["scales"][name], e["scale"])
+    listed = [n for names, _ in payload["groups"] for n in names]
+    assert sorted(listed) == sorted(coded)  # every code tensor in exactly one group
+    roles = [{tg.tensor_role(n) for n in names} for names, _ in payload["groups"]]
+    assert all(len(r) == 1 for r in roles) and len({r.pop() for r in roles}) == len(roles)  # one group per role
+    assert {tg.tensor_role(n) for n in coded} == {"attn_qo", "attn_kv", "mlp_up", "mlp_down", "embed", "bigram",
+                                                   "small"}
+    for (names, size), frame in zip(payload["groups"], frames):
+        assert len(frame) == size and frame[:4] == b"\x28\xb5\x2f\xfd"
+        assert zstandard.ZstdDecompressor().decompress(frame) == b"".join(qs[n]["q"].numpy().tobytes() for n in names)
+        for n in names:
+            assert payload["grids"][n] == (qs[n]["bits"], qs[n]["group"], tuple(qs[n]["q"].shape)), n
+            assert torch.equal(payload["scales"][n], qs[n]["scale"]), n
+    big = [f for (names, _), f in zip(payload["groups"], frames) if sum(qs[n]["q"].numel() for n in names) >= 8192]
+    assert big and all(len(f) < sum(qs[n]["q"].numel() for n in names)
+                       for (names, _), f in zip(payload["groups"], frames) if f in big)  # compressed
     for name in set(qs) - coded:
         assert torch.equal(payload["fp16"][name], qs[name]["data"])
 
 
-def test_corrupt_code_stream_raises_value_error(small_artifact):
-    """Damage inside one tensor's code stream, the payload saved and compressed again (so the outer layers are
-    intact): a ValueError "corrupt artifact", for a flipped frame magic or header, a truncated, scrambled or empty
-    stream, another tensor's stream, and a grid whose shape does not match the codes. (zstd frames carry no
-    checksum here, so the bytes flipped are ones zstd must notice.)"""
-    h, qs, blob = small_artifact
-    payload = artifact_payload(blob)
-    config, back = tg.deserialize_artifact(repack(payload))  # the repacking alone is harmless
-    assert config == payload["config"] and all(torch.equal(back[n]["q"], qs[n]["q"]) for n in payload["codes"])
+def test_tensor_role():
+    roles = {"blocks.3.attn.c_q.weight": "attn_qo", "blocks.3.attn.proj.weight": "attn_qo",
+             "blocks.0.attn.c_k.weight": "attn_kv", "blocks.0.attn.c_v.weight": "attn_kv",
+             "blocks.1.mlp.fc.weight": "mlp_up", "blocks.1.mlp.proj.weight": "mlp_down",
+             "tok_emb.weight": "embed", "bigram.table.weight": "bigram", "blocks.1.mlp.fc.weight.lqer_a": "lqer",
+             "tok_emb.weight.lqer_b": "lqer", "blocks.2.attn.gate_w": "small", "skip_gates": "small"}
+    for name, role in roles.items():
+        assert tg.tensor_role(name) == role, name
 
-    def damaged(name, data=None, grid=None):
-        p = {**payload, "codes": dict(payload["codes"]), "grids": dict(payload["grids"])}
+
+def test_every_frame_carries_a_checksum(small_artifact, budget_setup):
+    """Rule audit: every zstd frame of the artifact (the head and each group of codes) declares a content checksum
+    in its frame header, so a flipped bit anywhere fails the load; the budget search's artifacts as well. A frame
+    written without one fails this test."""
+    blobs = [small_artifact[2]]
+    h, model, config, natural = budget_setup
+    blobs.append(tg.quantize_within_budget(model, with_limit(h, int(0.9 * natural)), None, config, log=lambda m: None))
+    for blob in blobs:
+        head, frames = split_frames(blob)
+        assert len(frames) >= 5
+        for frame in [head, *frames]:
+            assert zstandard.get_frame_parameters(frame).has_checksum, frame[:8]
+            descriptor = frame[4]  # Frame_Header_Descriptor: bit 2 is Content_Checksum_flag
+            assert descriptor & 0b100
+    unchecked = zstandard.ZstdCompressor(level=3).compress(b"codes" * 100)  # the check sees a missing checksum
+    assert not zstandard.get_frame_parameters(unchecked).has_checksum and not unchecked[4] & 0b100
+
+
+def test_corrupt_code_frame_raises_value_error(small_artifact):
+    """Damage inside one group's frame, the head intact: a ValueError "corrupt artifact", for a flipped frame magic,
+    header or content byte (the frame's checksum catches the last), a truncated, scrambled or empty frame, another
+    group's frame (of another length), and a grid whose shape does not match the codes."""
+    h, qs, blob = small_artifact
+    payload = head_payload(blob)
+    _, frames = split_frames(blob)
+    config, back = tg.deserialize_artifact(repack(payload, frames))  # the repacking alone is harmless
+    assert config == payload["config"] and all(torch.equal(back[n]["q"], qs[n]["q"]) for n in payload["grids"])
+
+    def damaged(i, data=None, grid=None):
+        p = {**payload, "groups": list(payload["groups"]), "grids": dict(payload["grids"])}
+        fs = list(frames)
         if data is not None:
-            p["codes"][name] = torch.frombuffer(bytearray(data), dtype=torch.uint8) if data else \
-                torch.zeros(0, dtype=torch.uint8)
+            fs[i] = data
+            p["groups"][i] = (p["groups"][i][0], len(data))
         if grid is not None:
-            p["grids"][name] = grid
-        return repack(p)
+            p["grids"][p["groups"][i][0][0]] = grid
+        return repack(p, fs)
 
     def flipped(data, positions):
         out = bytearray(data)
@@ -810,18 +893,17 @@ def test_corrupt_code_stream_raises_value_error(small_artifact):
             out[i] ^= 0xFF
         return bytes(out)
 
-    for name, other in (("tok_emb.weight", "blocks.0.mlp.fc.weight"), ("blocks.1.mlp.fc.weight", "tok_emb.weight"),
-                        ("blocks.2.attn.c_k.weight", "blocks.2.attn.c_q.weight")):
-        data = payload["codes"][name].numpy().tobytes()
-        bits, group, shape = payload["grids"][name]
-        assert payload["codes"][other].numel() and qs[other]["q"].numel() != qs[name]["q"].numel()
-        cases = {"frame magic": damaged(name, flipped(data, [0, 1])),
-                 "frame header": damaged(name, flipped(data, [4])),
-                 "scrambled": damaged(name, data[:6] + flipped(data[6:], range(len(data) - 6))),
-                 "truncated": damaged(name, data[:-8]), "half": damaged(name, data[:len(data) // 2]),
-                 "empty": damaged(name, b""),
-                 "another tensor's": damaged(name, payload["codes"][other].numpy().tobytes()),
-                 "grid shape": damaged(name, grid=(bits, group, (shape[0] // 2, shape[1])))}
+    for i, (names, _) in enumerate(payload["groups"]):
+        data = frames[i]
+        bits, group, shape = payload["grids"][names[0]]
+        numel = [sum(math.prod(payload["grids"][n][2]) for n in g) for g, _ in payload["groups"]]
+        other = frames[next(j for j in range(len(frames)) if numel[j] != numel[i])]  # codes of another length
+        cases = {"frame magic": damaged(i, flipped(data, [0, 1])), "frame header": damaged(i, flipped(data, [4])),
+                 "content byte": damaged(i, flipped(data, [len(data) // 2])),
+                 "scrambled": damaged(i, data[:6] + flipped(data[6:], range(len(data) - 6))),
+                 "truncated": damaged(i, data[:-8]), "half": damaged(i, data[:len(data) // 2]),
+                 "empty": damaged(i, b""), "another group's": damaged(i, other),
+                 "grid shape": damaged(i, grid=(bits, group, (max(1, shape[0] // 2), *shape[1:])))}
         for what, bad in cases.items():
             with pytest.raises(ValueError, match="corrupt artifact"):
                 tg.deserialize_artifact(bad)
@@ -962,8 +1044,9 @@ def test_budget_fill_bisects_to_just_under_the_limit(budget_setup):
     assert tg.FIT_TOLERANCE == 0.003
     assert 0.997 * limit <= len(blob) <= limit, (len(blob), limit)
     m = re.fullmatch(r"auto_fit: searched: step multiplier (\S+) -> (\d+) bytes, .* the (\d+)-byte budget; "
-                     r"(\d+) .*trials in \S+s", lines[-1])
+                     r"(\d+) estimates in \S+s, (\d+) real artifacts \(GPTQ\) in \S+s", lines[-1])
     assert m, lines
+    assert int(m.group(5)) <= 2  # without Hessians the estimate is the real artifact: one build, or two
     assert float(m.group(1)) > 1.0 and int(m.group(2)) == len(blob) and int(m.group(3)) == limit
     _, qs = tg.deserialize_artifact(blob)  # coarser steps than x1: codes within qmax, scales larger
     ref = tg.quantize_state(model, h, None, 1.0)
@@ -971,6 +1054,46 @@ def test_budget_fill_bisects_to_just_under_the_limit(budget_setup):
     assert int(qs[name]["q"].abs().max()) <= qmax_of(h.quant_mlp_bits)
     assert (qs[name]["scale"].float() > ref[name]["scale"].float()).float().mean() > 0.9
     assert seconds < 20, f"the budget search took {seconds:.1f}s"
+
+
+@pytest.fixture(scope="module")
+def gptq_budget_setup(sample_data):
+    """The tiny model with GPTQ Hessians and LQER: real artifacts differ from the round-to-nearest estimate."""
+    h = tg.Hyperparameters.from_env({**TINY_KNOBS, "DATA_PATH": str(sample_data), "LQER_RANK": "4"})
+    model = perturbed_model(h, seed=5)
+    hessians, _ = tg.calibrate(h, model, CPU_RT, lambda line: None, 0.0)
+    config = tg.model_config(h, False)
+    return h, model, hessians, config, len(tg.serialize_artifact(tg.quantize_state(model, h, hessians), config, h))
+
+
+@pytest.mark.parametrize("fraction", [0.8, 0.95, 1.2])
+def test_budget_fill_with_gptq_builds_few_real_artifacts(gptq_budget_setup, monkeypatch, fraction):
+    """With GPTQ and LQER (real bytes != estimate): within FIT_TOLERANCE under the limit, with GPTQ run for at most
+    three settings (the ratio real/estimate carries over from the first), and the log gives each part's time."""
+    h, model, hessians, config, natural = gptq_budget_setup
+    limit, builds, real_quantize = int(fraction * natural), [], tg.quantize_state
+    monkeypatch.setattr(tg, "quantize_state", lambda m, hh, hs=None, *a, **k: (
+        builds.append(hs is not None), real_quantize(m, hh, hs, *a, **k))[1])
+    lines = []
+    blob = tg.quantize_within_budget(model, with_limit(h, limit), hessians, config, log=lines.append)
+    assert 0.997 * limit <= len(blob) <= limit, (len(blob), limit)
+    m = re.search(r"(\d+) estimates in (\S+)s, (\d+) real artifacts \(GPTQ\) in (\S+)s$", lines[-1])
+    assert m and int(m.group(3)) == sum(builds) <= 3 and int(m.group(1)) == len(builds) - sum(builds), lines
+    _, qs = tg.deserialize_artifact(blob)
+    assert any(".lqer_a" in n for n in qs)  # the real artifact: GPTQ and LQER
+
+
+def test_budget_fill_converges_when_the_estimate_misleads(gptq_budget_setup, monkeypatch):
+    """An estimate whose bytes fall with the multiplier at another rate than the real artifact's (the ratio changes
+    from setting to setting): the secant steps between real artifacts still land within FIT_TOLERANCE."""
+    h, model, hessians, config, natural = gptq_budget_setup
+    real_quantize = tg.quantize_state
+    monkeypatch.setattr(tg, "quantize_state", lambda m, hh, hs=None, mult=1.0, *a: real_quantize(
+        m, hh, hs, mult if hs is not None else mult ** 2.5, *a))
+    lines = []
+    limit = int(0.85 * natural)
+    blob = tg.quantize_within_budget(model, with_limit(h, limit), hessians, config, log=lines.append)
+    assert 0.997 * limit <= len(blob) <= limit, (len(blob), limit, lines)
 
 
 def test_budget_fill_fails_loudly_when_unreachable(budget_setup):
