@@ -259,8 +259,8 @@ PRESETS: dict[str, dict[str, object]] = {
     "frontier": dict(
         VOCAB_SIZE=8192, DATA_PATH="./data/datasets/fineweb10B_sp8192_lossless_caps_caseops_v1_reserved",
         TOKENIZER_PATH="./data/tokenizers/fineweb_8192_bpe_lossless_caps_caseops_v1_reserved.model", MLP_MULT=4,
-        XSA_LAST_N=11, QK_GAIN_INIT=5.0, BIGRAM_BUCKETS=0, NUM_LOOPS=2, LOOP_START=3, LOOP_END=5, LOOP_ENABLE_FRAC=0.35, PARALLEL_RESID_FROM=8,
-        PARALLEL_LANES=2, SKIP_GATES=1, ATTN_GATE=1, ATTN_GATE_SCALE=0.5, ATTN_DOC_MASK=1, MUON_EQ_R=1,
+        XSA_LAST_N=11, QK_GAIN_INIT=5.0, BIGRAM_BUCKETS=0, NUM_LOOPS=2, LOOP_START=3, LOOP_END=5, LOOP_ENABLE_FRAC=0.35,
+        PARALLEL_RESID_FROM=8, PARALLEL_LANES=2, SKIP_GATES=1, ATTN_GATE=1, ATTN_GATE_SCALE=0.5, ATTN_DOC_MASK=1, MUON_EQ_R=1,
         MUON_NS_COEFFS="polar", MATRIX_LR=0.026, SCALAR_LR=0.02, EMBED_LR=0.03, MUON_MOMENTUM=0.97, MUON_WD=0.095,
         SMEAR_FORM="record", EMBED_WD=0.085, ADAM_WD=0.02, BETA2=0.99, WARMDOWN_FRAC=0.85, MIN_LR_FRAC=0.1,
         EMA_DECAY=0.9965, QAT=0, QUANT_MLP_BITS=6, QUANT_EMBED_BITS=7, SDCLIP_ATTN_K=13, SDCLIP_MLP_K=11.5,
@@ -1004,7 +1004,8 @@ def dequantize_state(qstate: dict) -> dict:
     out = {name: dequantize_entry(e) for name, e in qstate.items() if ".lqer_" not in name}
     for name in out:
         if name + ".lqer_a" in qstate:  # + A B, the low-rank correction
-            out[name] += dequantize_entry(qstate[name + ".lqer_a"]) @ dequantize_entry(qstate[name + ".lqer_b"])
+            a, b = (dequantize_entry(qstate[name + suffix]) for suffix in (".lqer_a", ".lqer_b"))
+            out[name] = out[name] + a @ b
     return out
 
 ARTIFACT_MAGIC = "parameter-golf-artifact-4"
