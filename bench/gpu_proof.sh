@@ -153,7 +153,7 @@ for stage in $STAGES; do
     run_stage frontier frontier 150 train_gpt.py PRESET=frontier "DATA_PATH=$SP8192" \
       "TOKENIZER_PATH=$SP8192/tokenizer.model" AUTO_FIT=0 QUANT_MLP_BITS=5 MAX_WALLCLOCK_SECONDS=60 WARMUP_STEPS=4 \
       VAL_LOSS_EVERY=0 TRAIN_LOG_EVERY=10 VAL_MAX_TOKENS=32768 TTT=1 TTT_MODE=phased TTT_LORA_DOCS=2 \
-      TTT_PHASE_DOCS=4 TTT_PHASES=2 TTT_LORA_CHUNK=256 \
+      TTT_PHASE_DOCS=4 TTT_PHASES=2 TTT_LORA_CHUNK=256 GPTQ_CALIB_TOKENS=262144 \
       "${SHORT[@]}" "${TINY[@]}" "${FRONTIER_TINY[@]}" || status=1
     ;;
   *) emit "stage:$stage status:fail elapsed_s:0.0 note:unknown_stage" ; status=1 ;;
