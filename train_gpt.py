@@ -258,14 +258,14 @@ PRESETS: dict[str, dict[str, object]] = {
         MUON_MOMENTUM_WARMUP_STEPS=500),
     "frontier": dict(
         VOCAB_SIZE=8192, DATA_PATH="./data/datasets/fineweb10B_sp8192_lossless_caps_caseops_v1_reserved",
-        TOKENIZER_PATH="./data/tokenizers/fineweb_8192_bpe_lossless_caps_caseops_v1_reserved.model", MLP_MULT=4,
-        XSA_LAST_N=11, QK_GAIN_INIT=5.0, BIGRAM_BUCKETS=0, NUM_LOOPS=2, LOOP_START=3, LOOP_END=5, LOOP_ENABLE_FRAC=0.35,
-        PARALLEL_RESID_FROM=8, PARALLEL_LANES=2, SKIP_GATES=1, ATTN_GATE=1, ATTN_GATE_SCALE=0.5, ATTN_DOC_MASK=1,
-        MUON_EQ_R=1, MUON_NS_COEFFS="polar", MATRIX_LR=0.026, SCALAR_LR=0.02, EMBED_LR=0.03, MUON_MOMENTUM=0.97, MUON_WD=0.095,
-        SMEAR_FORM="record", EMBED_WD=0.085, ADAM_WD=0.02, BETA2=0.99, WARMDOWN_FRAC=0.85, MIN_LR_FRAC=0.1,
-        EMA_DECAY=0.9965, QAT=0, QUANT_MLP_BITS=6, QUANT_EMBED_BITS=7, SDCLIP_ATTN_K=13, SDCLIP_MLP_K=11.5,
-        SDCLIP_EMBED_K=14, QUANT_SMALL_BITS=8, GPTQ_EMBED=1, GPTQ_CALIB_TOKENS=1_572_864, GPTQ_RESERVE_SECONDS=8,
-        LQER_RANK=4, TTT_MODE="phased", TTT_LR=0.001, TTT_EPOCHS=1, TTT_LORA_WARM_A=1, TRAIN_DOC_ROWS=1),
+        TOKENIZER_PATH="./data/tokenizers/fineweb_8192_bpe_lossless_caps_caseops_v1_reserved.model", TRAIN_DOC_ROWS=1,
+        MLP_MULT=4, XSA_LAST_N=11, QK_GAIN_INIT=5.0, BIGRAM_BUCKETS=0, SMEAR_FORM="record", NUM_LOOPS=2, LOOP_START=3,
+        LOOP_END=5, LOOP_ENABLE_FRAC=0.35, PARALLEL_RESID_FROM=8, PARALLEL_LANES=2, SKIP_GATES=1, ATTN_GATE=1,
+        ATTN_GATE_SCALE=0.5, ATTN_DOC_MASK=1, MUON_EQ_R=1, MUON_NS_COEFFS="polar", MATRIX_LR=0.026, SCALAR_LR=0.02,
+        EMBED_LR=0.03, MUON_MOMENTUM=0.97, MUON_WD=0.095, EMBED_WD=0.085, ADAM_WD=0.02, BETA2=0.99, WARMDOWN_FRAC=0.85,
+        MIN_LR_FRAC=0.1, EMA_DECAY=0.9965, QAT=0, QUANT_MLP_BITS=6, QUANT_EMBED_BITS=7, SDCLIP_ATTN_K=13,
+        SDCLIP_MLP_K=11.5, SDCLIP_EMBED_K=14, QUANT_SMALL_BITS=8, GPTQ_EMBED=1, GPTQ_CALIB_TOKENS=1_572_864,
+        GPTQ_RESERVE_SECONDS=8, LQER_RANK=4, TTT_MODE="phased", TTT_LR=0.001, TTT_EPOCHS=1, TTT_LORA_WARM_A=1),
     "sp8192": dict(DATA_PATH="./data/datasets/fineweb10B_sp8192",
                    TOKENIZER_PATH="./data/tokenizers/fineweb_8192_bpe.model"),
     "short": dict(
@@ -1155,14 +1155,8 @@ def eval_plain(model, tokens, seq_len, batch_seqs, luts, rt: Runtime) -> Scores:
 def sliding_windows(n_targets: int, seq_len: int, stride: int) -> list[tuple[int, int, int]]:
     """(start, score_from, score_to): window k reads inputs [start, start+seq_len), scores [score_from, score_to);
     the ranges tile [0, n_targets), and a target past the first window sees >= seq_len-stride+1 tokens."""
-    windows, start = [], 0
-    while True:
-        score_from = 0 if start == 0 else start + seq_len - stride
-        if score_from >= n_targets:
-            break
-        windows.append((start, score_from, min(start + seq_len, n_targets)))
-        start += stride
-    return windows
+    starts = range(0, max(n_targets - seq_len, 0) + stride, stride) if n_targets > 0 else []
+    return [(s, 0 if s == 0 else s + seq_len - stride, min(s + seq_len, n_targets)) for s in starts]
 
 @torch.no_grad()
 def score_windows(model, tokens, windows, seq_len, batch_seqs, luts, rt: Runtime, scores: Scores):
