@@ -432,8 +432,7 @@ def build_byte_luts(sp: spm.SentencePieceProcessor, vocab_size: int, device=None
     return tuple(torch.tensor(a, device=device) for a in (base, space, boundary))
 
 def target_bytes(prev: torch.Tensor, tgt: torch.Tensor, luts, pos=None) -> torch.Tensor:
-    """UTF-8 bytes of each target: from a byte sidecar (a 4th entry of luts, indexed by token position; pos: the
-    inputs' positions, the target being token pos+1), else from the tokenizer's tables."""
+    """UTF-8 bytes of each target: a byte sidecar's (luts[3], at position pos+1), else from the tokenizer's tables."""
     if len(luts) == 4:
         if pos is None:
             raise ValueError("counting bytes from a sidecar needs the targets' positions")
@@ -484,8 +483,7 @@ def apply_rope(x: torch.Tensor, cos, sin, dims: int) -> torch.Tensor:
 FLEX = {"ok": True}  # set False (and logged) when compiled flex attention fails its probe on CUDA
 
 def document_mask(ids: torch.Tensor):
-    """Causal within documents (a BOS starts one): a flex block mask, or a dense one for CPU training (no flex
-    backward there) and wherever flex failed its probe."""
+    """Causal within documents (BOS starts one): a flex block mask, else dense (CPU training; flex failed its probe)."""
     doc, (B, T) = torch.cumsum((ids == BOS_ID).to(torch.int32), dim=1), ids.shape
     if FLEX["ok"] and (ids.is_cuda or not torch.is_grad_enabled()):
         return create_block_mask(lambda b, h, q, k: (q >= k) & (doc[b, q] == doc[b, k]), B, None, T, T,
@@ -504,8 +502,7 @@ def attend(q, k, v, mask) -> torch.Tensor:
     return flex_attention(q, k, v, block_mask=mask, enable_gqa=gqa)
 
 def probe_flex(rt: Runtime, length: int, head_dim: int) -> str:
-    """Compiled flex attention with a document mask, forward and backward at the shortest compiled length; on a
-    failure every later mask is dense (SDPA), so the run goes on, slower."""
+    """Compiled flex attention, forward and backward; on a failure, later masks are dense (SDPA): slower, not fatal."""
     try:
         ids = torch.randint(0, 4, (2, length), device=rt.device)
         q = torch.randn(2, 2, length, head_dim, device=rt.device, dtype=rt.amp_dtype or torch.float32,
@@ -591,9 +588,8 @@ class Block(nn.Module):
         return x_in + attn_out + self.mlp_branch(x_in if self.parallel else x_in + attn_out, lora)
 
 class SmearGate(nn.Module):
-    """Mixes the previous token's embedding in, never into a BOS position (nor position 0). form "seed": x_t +=
-    sigmoid(gate) * (x_{t-1} - x_t), a per-dim gate (0.5 at init); "record": x_t += lam * sigmoid(w . x_t[:12]) *
-    x_{t-1}, a per-token scalar gate, lam = 0 so the identity at init (the 04-27 record, on the raw embedding)."""
+    """Mixes the previous token's embedding in, never into a BOS (nor position 0). "seed": x_t += sigmoid(gate) *
+    (x_{t-1} - x_t), per dim; "record" (04-27): x_t += lam * sigmoid(w . x_t[:12]) * x_{t-1}, the identity at init."""
     def __init__(self, dim, form="seed"):
         super().__init__()
         self.form = form
@@ -799,9 +795,8 @@ def muon_wd_multiplier(frac: float, h: Hyperparameters) -> float:
 
 # ======== Averaging (EMA / SWA) =======================================================================================
 class WeightAverager:
-    """EMA of the parameters, or SWA: the mean of checkpoints every SWA_EVERY steps once the LR mult < SWA_START_LR.
-    The EMA's decay at step t is min(EMA_DECAY, (1+t)/(10+t)): early weights fade out of a short run, while runs
-    past ~(10d-1)/(1-d) steps (2,560 at 0.9965) end as with a constant decay."""
+    """EMA, or SWA: the mean of checkpoints every SWA_EVERY steps once the LR mult < SWA_START_LR. EMA decay at step
+    t: min(EMA_DECAY, (1+t)/(10+t)), so early weights fade out of a short run (long runs: a constant decay)."""
     def __init__(self, model: nn.Module, h: Hyperparameters):
         self.mode, self.h, self.params, self.count = h.averaging, h, list(model.parameters()), 0
         self.avg = [p.detach().float().clone() for p in self.params] if self.mode == "ema" else None
@@ -1149,7 +1144,6 @@ def rank_slice(n: int, rank: int, world_size: int) -> range:
     return range(n * rank // world_size, n * (rank + 1) // world_size)
 
 def eval_plain(model, tokens, seq_len, batch_seqs, luts, rt: Runtime) -> Scores:
-    """Non-overlapping windows of seq_len: the sliding evaluation with stride = seq_len."""
     return eval_sliding(model, tokens, seq_len, seq_len, batch_seqs, luts, rt)
 
 def sliding_windows(n_targets: int, seq_len: int, stride: int) -> list[tuple[int, int, int]]:
@@ -1183,14 +1177,12 @@ def eval_sliding(model, tokens, seq_len, stride, batch_seqs, luts, rt: Runtime) 
     return scores.reduce(rt.world)
 
 def ttt_step_rows(h: Hyperparameters) -> int:
-    """Rows of EVAL_SEQ_LEN per TTT SGD step: one TTT_CHUNK_TOKENS chunk (16 rows of 2048 at 32,768), at most
-    TTT_BATCH_SEQS, so a chunk's step carries no padded rows."""
+    """Rows of EVAL_SEQ_LEN per TTT SGD step: one TTT_CHUNK_TOKENS chunk, at most TTT_BATCH_SEQS (no padded rows)."""
     return max(1, min(h.ttt_batch_seqs, h.ttt_chunk_tokens // h.eval_seq_len))
 
 def sgd_train(model, tokens, targets: torch.Tensor, params, opt, h: Hyperparameters, rt: Runtime, lr_at=None):
-    """TTT_EPOCHS passes over already scored targets t (input tokens[t]) in rows of EVAL_SEQ_LEN, ttt_step_rows rows
-    a step on any world size, rank r taking rows r, r+world, ...; a last partial row is masked and reads no token.
-    lr_at(step, steps): each step's learning rate, a step at lr 0 skipped (None: the lr as set)."""
+    """TTT_EPOCHS passes over scored targets t (input tokens[t]), ttt_step_rows rows of EVAL_SEQ_LEN a step, rank r
+    taking rows r, r+world, ... (a partial row masked); lr_at(step, steps): each step's lr, a step at 0 skipped."""
     seq_len, rows = h.eval_seq_len, ttt_step_rows(h)
     per_rank, n_steps = -(-rows // rt.world), -(-targets.numel() // (rows * seq_len))
     padded = torch.full((n_steps * rows * seq_len,), -1, dtype=torch.int64, device=targets.device)
@@ -1294,9 +1286,8 @@ def lora_window(max_len: int, seq_len: int, floor: int = 1) -> int:
     return length
 
 def score_lora_batch(model, tokens, batch_docs, h: Hyperparameters, luts, rt: Runtime, adapters, scores):
-    """One batch of documents, each with its own adapters. Chunk c of every document is scored (final), then one
-    AdamW step on the adapters with each document's mean loss over that chunk, summed over the batch; no step
-    follows a document's last chunk. A window reads at most EVAL_SEQ_LEN tokens of its own document."""
+    """Documents, each with its own adapters: chunk c of each is scored (final), then one AdamW step on the sum of
+    their mean losses on it (none after a document's last chunk); a window reads <= EVAL_SEQ_LEN of its document."""
     device, chunk, seq_len = luts[0].device, h.ttt_lora_chunk, h.eval_seq_len
     docs = torch.tensor(batch_docs + [(0, 0)] * (h.ttt_lora_docs - len(batch_docs)), dtype=torch.int64, device=device)
     first, end = docs[:, 0:1], docs[:, 1:2]
@@ -1331,10 +1322,9 @@ def global_sgd(model, tokens, targets, h: Hyperparameters, rt: Runtime):
               lambda i, n: h.ttt_lr * 0.5 * (1.0 + math.cos(math.pi * (i / (n - 1) if n > 1 else 1.0))))
 
 def eval_lora(model: GPT, tokens, h: Hyperparameters, luts, rt: Runtime):
-    """Per-document LoRA TTT: documents longest first (the scoring order), TTT_LORA_DOCS a batch, a batch per rank a
-    round; B reset per batch, A redrawn (or kept, TTT_LORA_WARM_A). phased: once the first m documents of the order
-    are scored, for each of TTT_PHASES marks m up to TTT_PHASE_DOCS, global_sgd on exactly those documents, then
-    fresh adapters. -> (Scores, phases run)"""
+    """Per-document LoRA TTT: documents longest first, TTT_LORA_DOCS a batch, a batch per rank a round; B reset per
+    batch, A redrawn (or kept: TTT_LORA_WARM_A). phased: once the first m documents (TTT_PHASES marks m up to
+    TTT_PHASE_DOCS) are scored, global_sgd on exactly those, then fresh adapters. -> (Scores, phases run)"""
     device, net = luts[0].device, getattr(model, "_orig_mod", model)
     queue = sorted(documents(tokens), key=lambda d: (d[0] - d[1], d[0]))
     batches = [queue[b:b + h.ttt_lora_docs] for b in range(0, len(queue), h.ttt_lora_docs)]
@@ -1358,8 +1348,7 @@ def eval_lora(model: GPT, tokens, h: Hyperparameters, luts, rt: Runtime):
 
 def prime_eval_graphs(model, h: Hyperparameters, luts, rt: Runtime):
     """Every evaluation path once on synthetic tokens (never validation), so its graphs compile before the clocks:
-    plain and sliding windows, TTT's SGD step (at lr 0), LoRA windows of every length (adapters only, forward and
-    backward; windows shorter than a chunk only score): the weights are unchanged."""
+    plain and sliding windows, the TTT SGD step (lr 0), LoRA windows of each length (adapters only); same weights."""
     device, net = luts[0].device, getattr(model, "_orig_mod", model)
     n, chunk = max(h.train_seq_len, h.eval_seq_len) + h.ttt_lora_chunk, h.ttt_lora_chunk
     tokens = torch.randint(2, h.vocab_size, (n + 1,), generator=torch.Generator().manual_seed(0)).to(device)
