@@ -1544,15 +1544,17 @@ def train_model(h: Hyperparameters, model: GPT, rt: Runtime, log, val_tokens, lu
 
 def calibrate(h: Hyperparameters, model: GPT, rt: Runtime, log, train_time: float):
     """GPTQ Hessians and temperature from training tokens; fails past MAX_WALLCLOCK_SECONDS with training."""
-    t0, hessians, temperature, calibrating = time.perf_counter(), None, 1.0, h.gptq or h.fit_temperature
+    t0, hessians, calibrating, T = time.perf_counter(), None, h.gptq or h.fit_temperature, h.train_seq_len
     tf32, torch.backends.cuda.matmul.allow_tf32 = torch.backends.cuda.matmul.allow_tf32, False  # fp32 Hessian products
-    files, T, n, mine = list_shards(os.path.join(h.data_path, "fineweb_train_*.bin")), h.train_seq_len, 0, range(0)
+    files, n, mine = list_shards(os.path.join(h.data_path, "fineweb_train_*.bin")), 0, range(0)
     if calibrating:  # GPTQ_CALIB_TOKENS in whole windows drawn (seeded, none twice) from all shards, split over ranks
-        per = np.array([max(os.path.getsize(f) // 2 - 2 * SHARD_HEADER_INTS - 1, 0) // T for f in files])  # windows
-        n, ends = min(max(-(-h.gptq_calib_tokens // T), rt.world), int(per.sum())), np.cumsum(per)
-        picks = np.sort(np.random.default_rng(h.seed).choice(int(per.sum()), n, replace=False))
-        at, mine = np.searchsorted(ends, picks, side="right"), rank_slice(n, rt.rank, rt.world)
-        t = np.stack([load_shard(files[at[i]], int(picks[i] - ends[at[i]] + per[at[i]]) * T, T + 1) for i in mine])
+        per_shard = np.array([max(os.path.getsize(f) // 2 - 2 * SHARD_HEADER_INTS - 1, 0) // T for f in files])
+        n = min(max(-(-h.gptq_calib_tokens // T), rt.world), int(per_shard.sum()))
+        picks = np.sort(np.random.default_rng(h.seed).choice(int(per_shard.sum()), n, replace=False))  # window ids
+        shard = np.searchsorted(np.cumsum(per_shard), picks, side="right")
+        first = picks - (np.cumsum(per_shard) - per_shard)[shard]  # each pick's window index within its shard
+        mine = rank_slice(n, rt.rank, rt.world)
+        t = np.stack([load_shard(files[shard[i]], int(first[i]) * T, T + 1) for i in mine])
         check_token_range(t, h.vocab_size, "calibration windows")
         x, y = (torch.from_numpy(a.astype(np.int64)).to(rt.device) for a in (t[:, :-1], t[:, 1:]))
         batches = [(x[i:i + h.val_batch_seqs], y[i:i + h.val_batch_seqs]) for i in range(0, len(x), h.val_batch_seqs)]
@@ -1560,8 +1562,7 @@ def calibrate(h: Hyperparameters, model: GPT, rt: Runtime, log, train_time: floa
         names = {n for n, p in model.named_parameters() if tensor_bits(n, h) and p.numel() > h.passthrough_max_numel
                  and (n.startswith("blocks.") or n == "tok_emb.weight" and h.gptq_embed)}
         hessians = collect_hessians(model, batches, names, rt)
-    if h.fit_temperature:
-        temperature = fit_temperature(model, batches, rt)
+    temperature = fit_temperature(model, batches, rt) if h.fit_temperature else 1.0
     seconds, torch.backends.cuda.matmul.allow_tf32 = time.perf_counter() - t0, tf32
     log(f"calibration: {n * T} training tokens ({len(mine) * T} per rank, {len(files)} shards), {len(hessians or {})} "
         f"Hessians, temperature:{temperature} in {seconds:.1f}s: {len(mine) * T / max(seconds, 1e-9):.0f} tokens/s "
