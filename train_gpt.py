@@ -18,6 +18,7 @@ import os
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, fields, replace
+from pathlib import Path
 
 import numpy as np
 import sentencepiece as spm
@@ -1185,8 +1186,7 @@ def sgd_train(model, tokens, targets: torch.Tensor, params, opt, h: Hyperparamet
     taking rows r, r+world, ... (a partial row masked); lr_at(step, steps): each step's lr, a step at 0 skipped."""
     seq_len, rows = h.eval_seq_len, ttt_step_rows(h)
     per_rank, n_steps = -(-rows // rt.world), -(-targets.numel() // (rows * seq_len))
-    padded = torch.full((n_steps * rows * seq_len,), -1, dtype=torch.int64, device=targets.device)
-    padded[:targets.numel()] = targets
+    padded = F.pad(targets, (0, n_steps * rows * seq_len - targets.numel()), value=-1)
     for _ in range(h.ttt_epochs):
         for i, step_targets in enumerate(padded.view(n_steps, rows, seq_len)):
             if lr_at is not None:
@@ -1583,8 +1583,7 @@ def export_artifact(h: Hyperparameters, model: GPT, rt: Runtime, log, hessians, 
         tf32, torch.backends.cuda.matmul.allow_tf32 = torch.backends.cuda.matmul.allow_tf32, False  # fp32 GPTQ
         blob = quantize_within_budget(model, h, hessians, model_config(h, model.looping, temperature), log)
         torch.backends.cuda.matmul.allow_tf32 = tf32
-        with open(h.artifact_path, "wb") as f:
-            f.write(blob)
+        Path(h.artifact_path).write_bytes(blob)
         log(f"export: zstd-{h.zstd_level} lqer_rank:{h.lqer_rank} -> "
             f"{h.artifact_path} {len(blob)} bytes in {time.perf_counter() - t0:.1f}s")
     if rt.world > 1:
@@ -1663,15 +1662,13 @@ def main():
             f"live_weights_val_bpb:{live_bpb:.8f} averaging_delta:{scores.val_bpb - live_bpb:+.6f}")
         export_artifact(h, model, rt, log, hessians, temperature)
     else:  # a model of the artifact's shape, its evaluation graphs primed before the clock (weights are unchanged)
-        with open(h.artifact_path, "rb") as f:
-            model = load_artifact_into(None, f.read(), h, rt.device)
+        model = load_artifact_into(None, Path(h.artifact_path).read_bytes(), h, rt.device)
         evaluator = rt.compile(model)
         if rt.compiled:
             prime_eval_graphs(evaluator, h, luts, rt)
             log(f"eval_only: evaluation graphs primed on synthetic tokens; graphs compiled:{guard.mark('train')[0]}")
     eval_start = time.perf_counter()  # the evaluation clock: from reading the artifact to the last score
-    with open(h.artifact_path, "rb") as f:
-        blob = f.read()
+    blob = Path(h.artifact_path).read_bytes()
     model = load_artifact_into(model, blob, h, rt.device)  # every score: the artifact's
     bytes_code = code_bytes()
     log(f"bytes_model:{len(blob)} bytes_code:{bytes_code} bytes_total:{len(blob) + bytes_code} limit:{budget_bytes(h)}")
