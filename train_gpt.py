@@ -679,10 +679,8 @@ class GPT(nn.Module):
             if self.skip_weights is not None and i >= n_enc and skips:  # U-Net: mirror-layer skip, into lane 0
                 skip, gates = self.skip_weights[i - n_enc].to(x.dtype) * skips.pop(), self.skip_gates
                 x = x + skip if gates is None else torch.lerp(skip, x, torch.sigmoid(gates[i - n_enc].to(x.dtype)))
-            if block.two_lane:
-                x, lane1 = block(x, x0, mask, lane1, lora)
-            else:
-                x = block(x, x0, mask, lora=lora)
+            out = block(x, x0, mask, lane1, lora)  # a two-lane block returns both lanes
+            x, lane1 = out if block.two_lane else (out, lane1)
             if i < n_enc:
                 skips.append(x)
         return rms_norm(x if lane1 is None else 0.5 * (x + lane1))
@@ -721,8 +719,7 @@ def newton_schulz_orthogonalize(g: torch.Tensor, steps: int, coeffs=NS_COEFFS["c
     x = g.to(dtype)
     x = x / (x.norm() + 1e-7)
     tall = x.size(0) > x.size(1)
-    if tall:
-        x = x.T
+    x = x.T if tall else x
     for i in range(steps):
         a, b, c = coeffs[min(i, len(coeffs) - 1)]
         gram = x @ x.T
@@ -732,7 +729,8 @@ def newton_schulz_orthogonalize(g: torch.Tensor, steps: int, coeffs=NS_COEFFS["c
 class Muon(torch.optim.Optimizer):
     """Nesterov + Newton-Schulz (MuonEq-R: rows normalized first); rank r updates params r, r+world, ..."""
     def __init__(self, params, h: Hyperparameters, rt: Runtime):
-        super().__init__(params, dict(lr=h.matrix_lr, momentum=h.muon_momentum, weight_decay=h.muon_wd))
+        super().__init__(params, dict(lr=h.matrix_lr, base_lr=h.matrix_lr, momentum=h.muon_momentum,
+                                      weight_decay=h.muon_wd))
         self.rt, self.ns_steps, self.coeffs, self.eq_r = rt, h.muon_ns_steps, NS_COEFFS[h.muon_ns_coeffs], h.muon_eq_r
         self.dtype = torch.bfloat16 if rt.amp_dtype == torch.bfloat16 else torch.float32
         self._orth = rt.compile(newton_schulz_orthogonalize)
@@ -779,9 +777,7 @@ def build_optimizers(model: GPT, h: Hyperparameters, rt: Runtime):
         [dict(params=tables, lr=h.embed_lr, base_lr=h.embed_lr, weight_decay=h.embed_wd),
          dict(params=scalars, lr=h.scalar_lr, base_lr=h.scalar_lr, weight_decay=h.adam_wd)],
         betas=(h.beta1, h.beta2), eps=1e-8, fused=rt.device.type == "cuda")
-    muon = Muon(matrices, h, rt)
-    muon.param_groups[0]["base_lr"] = h.matrix_lr
-    return [adam, muon]
+    return [adam, Muon(matrices, h, rt)]
 
 def lr_multiplier(frac: float, h: Hyperparameters) -> float:
     """1 until the last WARMDOWN_FRAC of the budget, then linear towards 0 at the end, floored at MIN_LR_FRAC."""
@@ -968,8 +964,7 @@ def quantize_state(model: GPT, h: Hyperparameters, hessians: dict | None = None,
             continue
         if hessians is not None and name in hessians:
             factors[name] = factors.get(name) or gptq_factor(hessians[name])
-            q, scale = gptq_quantize(t, hessians[name], bits, mult=mult, clip_k=sdclip_k(name, h),
-                                     factor=factors[name])
+            q, scale = gptq_quantize(t, hessians[name], bits, mult=mult, clip_k=sdclip_k(name, h), factor=factors[name])
         else:
             q, scale = quantize_rows(t, bits, sdclip_k(name, h), mult=mult)
         out[name] = {"bits": bits, "q": q.cpu(), "scale": scale.cpu(), "group": t.shape[1]}
