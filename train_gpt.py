@@ -1165,10 +1165,10 @@ def score_windows(model, tokens, windows, seq_len, batch_seqs, luts, rt: Runtime
         mask = (pos[:, :-1] >= w[:, 1:2]) & (pos[:, :-1] < w[:, 2:3])
         scores.add(nll, x, y, luts, mask, pos[:, :-1])
 
-def eval_sliding(model, tokens, seq_len, stride, batch_seqs, luts, rt: Runtime) -> Scores:
-    windows = sliding_windows(tokens.numel() - 1, seq_len, stride)
-    scores = Scores(luts[0].device)
-    mine = rank_slice(len(windows), rt.rank, rt.world)
+def eval_sliding(model, tokens, seq_len, stride, batch_seqs, luts, rt: Runtime, windows=None) -> Scores:
+    """Each rank scores its share of the windows (default: every sliding window), then the sums are all-reduced."""
+    windows = sliding_windows(tokens.numel() - 1, seq_len, stride) if windows is None else windows
+    scores, mine = Scores(luts[0].device), rank_slice(len(windows), rt.rank, rt.world)
     score_windows(model, tokens, windows[mine.start:mine.stop], seq_len, batch_seqs, luts, rt, scores)
     return scores.reduce(rt.world)
 
@@ -1217,10 +1217,8 @@ def eval_ttt(model: GPT, tokens, h: Hyperparameters, luts, rt: Runtime):
     opt = torch.optim.SGD(params, lr=h.ttt_lr, momentum=0.9)  # gradients clipped to norm 1 in sgd_train
     total, per_chunk, scored_to = Scores(luts[0].device), [], 0
     for c, windows in enumerate(by_chunk):
-        chunk_scores, mine = Scores(luts[0].device), rank_slice(len(windows), rt.rank, rt.world)
-        score_windows(model, tokens, windows[mine.start:mine.stop], h.eval_seq_len, h.val_batch_seqs, luts, rt,
-                      chunk_scores)
-        total.sums += chunk_scores.reduce(rt.world).sums
+        chunk_scores = eval_sliding(model, tokens, h.eval_seq_len, h.eval_stride, h.val_batch_seqs, luts, rt, windows)
+        total.sums += chunk_scores.sums
         per_chunk.append(chunk_scores.sums.clone())
         scored_to = max([scored_to] + [w[2] for w in windows])
         lo, hi = c * chunk, min((c + 1) * chunk, n_targets)
