@@ -1063,30 +1063,28 @@ def quantize_within_budget(model: GPT, h: Hyperparameters, hessians, config: dic
 
     lo, hi = (math.log(m) for m in FIT_MULT_RANGE) if h.auto_fit else (0.0, 0.0)
     target, ratio, how = limit * (1 - FIT_TOLERANCE / 2), 1.0, "the finest steps fit"
-    too_large = lambda: ArtifactTooLarge(f"artifact is {size(hi, True)} bytes, over the {limit}-byte limit even with "
-                                         f"every step x{round(math.exp(hi), 4)}" + (": fewer parameters or bits are "
-                                         "needed" if h.auto_fit else " (AUTO_FIT=0)"))
     if h.auto_fit and size(lo) > limit or size(lo, True) > limit:
         how = "searched"
-        if not h.auto_fit or size(hi) > target and size(hi, True) > limit:
-            raise too_large()
-        for step in range(10):
-            over, under = ([x for x, r in memo if r and (size(x, True) > limit) is side] for side in (True, False))
-            if step >= 2 and over and under:  # secant and bisection steps between the closest real artifacts
-                (a, na), (b, nb) = ((x, size(x, True)) for x in (max(over), min(under)))
-                x = (a + b) / 2 if step % 2 else a + (b - a) * (na - target) / (na - nb)
-            else:  # bisection on the estimate x ratio
-                a, b = lo, hi
-                for _ in range(40):
-                    x = (a + b) / 2
-                    if abs(size(x) * ratio - target) < limit * FIT_TOLERANCE / 8:
-                        break
-                    a, b = (x, b) if size(x) * ratio > target else (a, x)
-            ratio = size(x, True) / size(x)
-            if limit * (1 - FIT_TOLERANCE) <= size(x, True) <= limit:
-                break
+        if h.auto_fit and (size(hi) <= target or size(hi, True) <= limit):  # else nothing fits: raised below
+            for step in range(10):
+                over, under = ([x for x, r in memo if r and (size(x, True) > limit) is side] for side in (True, False))
+                if step >= 2 and over and under:  # secant and bisection steps between the closest real artifacts
+                    (a, na), (b, nb) = ((x, size(x, True)) for x in (max(over), min(under)))
+                    x = (a + b) / 2 if step % 2 else a + (b - a) * (na - target) / (na - nb)
+                else:  # bisection on the estimate x ratio
+                    a, b = lo, hi
+                    for _ in range(40):
+                        x = (a + b) / 2
+                        if abs(size(x) * ratio - target) < limit * FIT_TOLERANCE / 8:
+                            break
+                        a, b = (x, b) if size(x) * ratio > target else (a, x)
+                ratio = size(x, True) / size(x)
+                if limit * (1 - FIT_TOLERANCE) <= size(x, True) <= limit:
+                    break
     if all(size(x, True) > limit for x, r in memo if r) and size(hi, True) > limit:
-        raise too_large()
+        raise ArtifactTooLarge(f"artifact is {size(hi, True)} bytes, over the {limit}-byte limit even with every step "
+                               f"x{round(math.exp(hi), 4)}" + (": fewer parameters or bits are needed" if h.auto_fit
+                                                                else " (AUTO_FIT=0)"))
     x = max((x for x, r in memo if r and size(x, True) <= limit), key=lambda x: size(x, True))
     log(f"auto_fit: {how if h.auto_fit else 'off'}: step multiplier {math.exp(x):.4f} -> {size(x, True)} bytes, "
         f"{size(x, True) / limit:.2%} of the {limit}-byte budget; {len(clock[False])} estimates in "
