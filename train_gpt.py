@@ -904,13 +904,11 @@ def gptq_quantize(w: torch.Tensor, hessian: torch.Tensor, bits: int, block: int 
 def collect_hessians(model: GPT, batches, names: set[str], rt: Runtime) -> dict[str, torch.Tensor]:
     """H = mean x x^T of each named layer's input; for the tied embedding, of the final hidden state (head input)."""
     sums, counts, modules = {}, {}, dict(model.named_modules())
-
     def add(key, x):
         x = x.detach().reshape(-1, x.size(-1)).float()  # fp32 Hessian, not bf16
         with torch.autocast(x.device.type, enabled=False):
             sums[key] = sums.get(key, 0) + x.T @ x
         counts[key] = counts.get(key, 0) + x.size(0)
-
     hooks = [modules[n[: -len(".weight")]].register_forward_hook(lambda m, inp, out, key=n: add(key, inp[0]))
              for n in names - {"tok_emb.weight"}]
     try:
@@ -1051,7 +1049,6 @@ def quantize_within_budget(model: GPT, h: Hyperparameters, hessians, config: dic
     (round-to-nearest codes, no LQER) x the ratio real/estimate at the last real artifact (GPTQ, LQER; built usually
     twice), then secant steps between real ones, until within FIT_TOLERANCE under the budget (or the finest fit)."""
     limit, factors, memo, clock = budget_bytes(h) - code_bytes(), {}, {}, {False: [], True: []}
-
     def size(x, is_real=False):  # bytes of the real artifact (kept in memo) or of the estimate
         if (x, is_real) not in memo:
             t0, hh = time.perf_counter(), h if is_real else replace(h, lqer_rank=0)
@@ -1060,7 +1057,6 @@ def quantize_within_budget(model: GPT, h: Hyperparameters, hessians, config: dic
             memo[x, is_real] = blob if is_real else len(blob)
             clock[is_real].append(time.perf_counter() - t0)
         return len(memo[x, True]) if is_real else memo[x, False]
-
     lo, hi = (math.log(m) for m in FIT_MULT_RANGE) if h.auto_fit else (0.0, 0.0)
     target, ratio, how = limit * (1 - FIT_TOLERANCE / 2), 1.0, "the finest steps fit"
     if h.auto_fit and size(lo) > limit or size(lo, True) > limit:
@@ -1366,7 +1362,6 @@ def make_logger(path: str | None):
     """Rank 0 prints and appends to its log file; the other ranks stay silent."""
     if path:
         os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-
     def log(msg: str):
         if path:
             print(msg, flush=True)
@@ -1432,11 +1427,9 @@ def train_model(h: Hyperparameters, model: GPT, rt: Runtime, log, val_tokens, lu
               broadcast_buffers=False) if world > 1 else compiled
     optimizers = build_optimizers(model, h, rt)
     train_pattern = os.path.join(h.data_path, "fineweb_train_*.bin")
-
     def make_loader():
         return DistributedTokenLoader(train_pattern, h.vocab_size, rt.rank, world, device, h.train_batch_tokens //
                                       grad_accum, h.train_seq_len, docs=h.train_doc_rows)
-
     def train_step(loader):
         total = torch.zeros((), device=device)
         for micro in range(grad_accum):
