@@ -324,9 +324,8 @@ def check_token_range(tokens: np.ndarray, vocab_size: int, where: str):
 
 class DistributedTokenLoader:
     """Shards in order, wrapping around; a batch is world*(local+1) tokens, rank r's the r-th slice; prefetched. docs:
-    the record's document packing in rows: documents (a shard's first to last BOS) cut every seq_len tokens; a row takes
-    the oldest waiting piece (only a row start may take one without BOS: the mask splits at BOS), then the longest doc
-    starts that fit; a tail none fits gets a prefix of one still placed whole later. All ranks plan all rows alike."""
+    documents (a shard's first to last BOS) cut every seq_len tokens; a row takes the oldest waiting piece (the mask
+    splits at BOS: only a row start may lack one), the longest doc starts that fit, a prefix of one (placed later)."""
     def __init__(self, pattern, vocab_size, rank, world_size, device, batch_tokens, seq_len, prefetch=True, docs=False):
         if batch_tokens % (world_size * seq_len):
             raise KnobError(f"batch of {batch_tokens} tokens does not split into {world_size} ranks x {seq_len}")
@@ -1207,7 +1206,7 @@ def eval_ttt(model: GPT, tokens, h: Hyperparameters, luts, rt: Runtime):
     by_chunk = [[] for _ in range(-(-n_targets // chunk))]
     for w in sliding_windows(n_targets, h.eval_seq_len, h.eval_stride):
         by_chunk[w[1] // chunk].append(w)
-    params = list(getattr(model, "_orig_mod", model).parameters())
+    params = list(model.parameters())
     opt = torch.optim.SGD(params, lr=h.ttt_lr, momentum=0.9)  # gradients clipped to norm 1 in sgd_train
     total, per_chunk, scored_to = Scores(luts[0].device), [], 0
     for c, windows in enumerate(by_chunk):
@@ -1302,9 +1301,8 @@ def score_lora_batch(model, tokens, batch_docs, h: Hyperparameters, luts, rt: Ru
         opt.zero_grad(set_to_none=True)
 
 def global_sgd(model, tokens, targets, h: Hyperparameters, rt: Runtime):
-    """phased TTT's pass over scored documents: a fresh SGD (momentum 0.9) on the whole base model, the lr
-    cosine-decayed from TTT_LR to 0 over the phase's steps (the last one, at lr 0, skipped), as the record."""
-    params = list(getattr(model, "_orig_mod", model).parameters())
+    """phased TTT's pass over scored documents: a fresh SGD on the whole model, lr cosine from TTT_LR to 0 (record)."""
+    params = list(model.parameters())
     sgd_train(model, tokens, targets, params, torch.optim.SGD(params, lr=h.ttt_lr, momentum=0.9), h, rt,
               lambda i, n: h.ttt_lr * 0.5 * (1.0 + math.cos(math.pi * (i / (n - 1) if n > 1 else 1.0))))
 
@@ -1419,8 +1417,7 @@ class CompileGuard:
         return new, reasons
 
 def train_model(h: Hyperparameters, model: GPT, rt: Runtime, log, val_tokens, luts, guard: CompileGuard):
-    """Train until the wall clock (less the GPTQ reserve) or ITERATIONS: (seconds, the live weights' last val_bpb,
-    the compiled model); the weights are then averaged."""
+    """Train to the wall clock (less the GPTQ reserve) or ITERATIONS, then average -> (seconds, live bpb, compiled)."""
     device, world, grad_accum = rt.device, rt.world, 8 // rt.world
     compiled = rt.compile(model)
     ddp = DDP(compiled, device_ids=[device.index] if device.type == "cuda" else None,
