@@ -1313,9 +1313,8 @@ def eval_lora(model: GPT, tokens, h: Hyperparameters, luts, rt: Runtime):
     device, net = luts[0].device, getattr(model, "_orig_mod", model)
     queue = sorted(documents(tokens), key=lambda d: (d[0] - d[1], d[0]))
     batches = [queue[b:b + h.ttt_lora_docs] for b in range(0, len(queue), h.ttt_lora_docs)]
-    n_prefix = min(h.ttt_phase_docs, len(queue))
-    marks = [n_prefix * (p + 1) // h.ttt_phases for p in range(h.ttt_phases)] if h.ttt_mode == "phased" else []
-    marks = [m for m in marks if m > 0]
+    n_prefix = min(h.ttt_phase_docs, len(queue)) if h.ttt_mode == "phased" else 0  # lora: no global phase
+    marks = [m for m in (n_prefix * (p + 1) // h.ttt_phases for p in range(h.ttt_phases)) if m > 0]
     adapters, scores, phases_done = make_adapters(net, h, device), Scores(device), 0
     reset_adapters(adapters, h.seed, redraw_a=True)
     for r in range(0, len(batches), rt.world):
