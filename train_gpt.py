@@ -740,8 +740,8 @@ class Muon(torch.optim.Optimizer):
         for group in self.param_groups:
             params = group["params"]
             flat = torch.zeros(sum(p.numel() for p in params), device=self.rt.device, dtype=self.dtype)
-            offset = 0
-            for i, p in enumerate(params):
+            slots = flat.split([p.numel() for p in params])  # views of flat, one per parameter
+            for i, (p, slot) in enumerate(zip(params, slots)):
                 if i % world == rank and p.grad is not None:
                     if "momentum_buffer" not in self.state[p]:  # made once (setdefault would allocate every step)
                         self.state[p]["momentum_buffer"] = torch.zeros_like(p.grad)
@@ -751,16 +751,13 @@ class Muon(torch.optim.Optimizer):
                     if self.eq_r:
                         update = update / update.norm(dim=1, keepdim=True).clamp_min(1e-7)
                     update = self._orth(update, self.ns_steps, self.coeffs, self.dtype)
-                    flat[offset:offset + p.numel()] = (update * max(1.0, p.size(0) / p.size(1)) ** 0.5).flatten()
-                offset += p.numel()
+                    slot.copy_((update * max(1.0, p.size(0) / p.size(1)) ** 0.5).flatten())
             if world > 1:
                 dist.all_reduce(flat)
-            offset = 0
-            for p in params:
+            for p, slot in zip(params, slots):
                 if group["weight_decay"]:
                     p.mul_(1.0 - group["lr"] * group["weight_decay"])
-                p.add_(flat[offset:offset + p.numel()].view_as(p).to(p.dtype), alpha=-group["lr"])
-                offset += p.numel()
+                p.add_(slot.view_as(p).to(p.dtype), alpha=-group["lr"])
 
 def build_optimizers(model: GPT, h: Hyperparameters, rt: Runtime):
     """Muon: block matrices and the bigram projection. AdamW: embedding tables, and scalars/gains/mixes/gates."""
