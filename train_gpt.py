@@ -363,10 +363,15 @@ class DistributedTokenLoader:
             self.waiting[i] = p
             if p[0] == BOS_ID:  # a document start: it may fill a row's tail
                 bisect.insort(self.fits, (len(p), -i))
-        parts, room = [p := self.waiting.pop(i := next(iter(self.waiting)))], self.seq_len + 1 - len(p)  # oldest
-        if p[0] == BOS_ID:
-            del self.fits[bisect.bisect_left(self.fits, (len(p), -i))]
-        while room and len(self.fits) > 1 and (k := bisect.bisect_right(self.fits, (room + 1, 0)) - 1) >= 0:
+        oldest = next(iter(self.waiting))  # opens the row: only a row start may continue a document
+        parts = [self.waiting.pop(oldest)]
+        if parts[0][0] == BOS_ID:
+            self.fits.remove((len(parts[0]), -oldest))
+        room = self.seq_len + 1 - len(parts[0])  # targets still free (a piece holds its targets and one token more)
+        while room and len(self.fits) > 1:  # one document start stays back for the prefix below
+            k = bisect.bisect_right(self.fits, (room + 1, 0)) - 1  # the longest that fits (of those, the oldest)
+            if k < 0:
+                break
             parts.append(self.waiting.pop(-self.fits.pop(k)[1]))
             room -= len(parts[-1]) - 1
         return parts + [self.waiting[-self.fits[0][1]][:room + 1]] if room else parts  # a prefix fills the rest
