@@ -18,6 +18,7 @@ import os
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, fields, replace
+from pathlib import Path
 
 import numpy as np
 import sentencepiece as spm
@@ -258,15 +259,14 @@ PRESETS: dict[str, dict[str, object]] = {
         MUON_MOMENTUM_WARMUP_STEPS=500),
     "frontier": dict(
         VOCAB_SIZE=8192, DATA_PATH="./data/datasets/fineweb10B_sp8192_lossless_caps_caseops_v1_reserved",
-        TOKENIZER_PATH="./data/tokenizers/fineweb_8192_bpe_lossless_caps_caseops_v1_reserved.model", MLP_MULT=4,
-        XSA_LAST_N=11, QK_GAIN_INIT=5.0, BIGRAM_BUCKETS=0, NUM_LOOPS=2, LOOP_START=3, LOOP_END=5,
-        LOOP_ENABLE_FRAC=0.35, PARALLEL_RESID_FROM=8, PARALLEL_LANES=2, SKIP_GATES=1, ATTN_GATE=1,
+        TOKENIZER_PATH="./data/tokenizers/fineweb_8192_bpe_lossless_caps_caseops_v1_reserved.model", TRAIN_DOC_ROWS=1,
+        MLP_MULT=4, XSA_LAST_N=11, QK_GAIN_INIT=5.0, BIGRAM_BUCKETS=0, SMEAR_FORM="record", NUM_LOOPS=2, LOOP_START=3,
+        LOOP_END=5, LOOP_ENABLE_FRAC=0.35, PARALLEL_RESID_FROM=8, PARALLEL_LANES=2, SKIP_GATES=1, ATTN_GATE=1,
         ATTN_GATE_SCALE=0.5, ATTN_DOC_MASK=1, MUON_EQ_R=1, MUON_NS_COEFFS="polar", MATRIX_LR=0.026, SCALAR_LR=0.02,
-        EMBED_LR=0.03, MUON_MOMENTUM=0.97, MUON_WD=0.095, SMEAR_FORM="record", EMBED_WD=0.085, ADAM_WD=0.02,
-        BETA2=0.99, WARMDOWN_FRAC=0.85, MIN_LR_FRAC=0.1, EMA_DECAY=0.9965, QAT=0, QUANT_MLP_BITS=6,
-        QUANT_EMBED_BITS=7, SDCLIP_ATTN_K=13, SDCLIP_MLP_K=11.5, SDCLIP_EMBED_K=14, QUANT_SMALL_BITS=8, GPTQ_EMBED=1,
-        GPTQ_CALIB_TOKENS=1_572_864, GPTQ_RESERVE_SECONDS=8, LQER_RANK=4, TTT_MODE="phased", TTT_LR=0.001,
-        TTT_EPOCHS=1, TTT_LORA_WARM_A=1, TRAIN_DOC_ROWS=1),
+        EMBED_LR=0.03, MUON_MOMENTUM=0.97, MUON_WD=0.095, EMBED_WD=0.085, ADAM_WD=0.02, BETA2=0.99, WARMDOWN_FRAC=0.85,
+        MIN_LR_FRAC=0.1, EMA_DECAY=0.9965, QAT=0, QUANT_MLP_BITS=6, QUANT_EMBED_BITS=7, SDCLIP_ATTN_K=13,
+        SDCLIP_MLP_K=11.5, SDCLIP_EMBED_K=14, QUANT_SMALL_BITS=8, GPTQ_EMBED=1, GPTQ_CALIB_TOKENS=1_572_864,
+        GPTQ_RESERVE_SECONDS=8, LQER_RANK=4, TTT_MODE="phased", TTT_LR=0.001, TTT_EPOCHS=1, TTT_LORA_WARM_A=1),
     "sp8192": dict(DATA_PATH="./data/datasets/fineweb10B_sp8192",
                    TOKENIZER_PATH="./data/tokenizers/fineweb_8192_bpe.model"),
     "short": dict(
@@ -324,9 +324,8 @@ def check_token_range(tokens: np.ndarray, vocab_size: int, where: str):
 
 class DistributedTokenLoader:
     """Shards in order, wrapping around; a batch is world*(local+1) tokens, rank r's the r-th slice; prefetched. docs:
-    the record's document packing in rows: documents (a shard's first to last BOS) cut every seq_len tokens; a row takes
-    the oldest waiting piece (only a row start may take one without BOS: the mask splits at BOS), then the longest doc
-    starts that fit; a tail none fits gets a prefix of one still placed whole later. All ranks plan all rows alike."""
+    documents (a shard's first to last BOS) cut every seq_len tokens; a row takes the oldest waiting piece (the mask
+    splits at BOS: only a row start may lack one), the longest doc starts that fit, a prefix of one (placed later)."""
     def __init__(self, pattern, vocab_size, rank, world_size, device, batch_tokens, seq_len, prefetch=True, docs=False):
         if batch_tokens % (world_size * seq_len):
             raise KnobError(f"batch of {batch_tokens} tokens does not split into {world_size} ranks x {seq_len}")
@@ -364,10 +363,15 @@ class DistributedTokenLoader:
             self.waiting[i] = p
             if p[0] == BOS_ID:  # a document start: it may fill a row's tail
                 bisect.insort(self.fits, (len(p), -i))
-        parts, room = [p := self.waiting.pop(i := next(iter(self.waiting)))], self.seq_len + 1 - len(p)  # oldest
-        if p[0] == BOS_ID:
-            del self.fits[bisect.bisect_left(self.fits, (len(p), -i))]
-        while room and len(self.fits) > 1 and (k := bisect.bisect_right(self.fits, (room + 1, 0)) - 1) >= 0:
+        oldest = next(iter(self.waiting))  # opens the row: only a row start may continue a document
+        parts = [self.waiting.pop(oldest)]
+        if parts[0][0] == BOS_ID:
+            self.fits.remove((len(parts[0]), -oldest))
+        room = self.seq_len + 1 - len(parts[0])  # targets still free (a piece holds its targets and one token more)
+        while room and len(self.fits) > 1:  # one document start stays back for the prefix below
+            k = bisect.bisect_right(self.fits, (room + 1, 0)) - 1  # the longest that fits (of those, the oldest)
+            if k < 0:
+                break
             parts.append(self.waiting.pop(-self.fits.pop(k)[1]))
             room -= len(parts[-1]) - 1
         return parts + [self.waiting[-self.fits[0][1]][:room + 1]] if room else parts  # a prefix fills the rest
@@ -433,8 +437,7 @@ def build_byte_luts(sp: spm.SentencePieceProcessor, vocab_size: int, device=None
     return tuple(torch.tensor(a, device=device) for a in (base, space, boundary))
 
 def target_bytes(prev: torch.Tensor, tgt: torch.Tensor, luts, pos=None) -> torch.Tensor:
-    """UTF-8 bytes of each target: from a byte sidecar (a 4th entry of luts, indexed by token position; pos: the
-    inputs' positions, the target being token pos+1), else from the tokenizer's tables."""
+    """UTF-8 bytes of each target: a byte sidecar's (luts[3], at position pos+1), else from the tokenizer's tables."""
     if len(luts) == 4:
         if pos is None:
             raise ValueError("counting bytes from a sidecar needs the targets' positions")
@@ -485,8 +488,7 @@ def apply_rope(x: torch.Tensor, cos, sin, dims: int) -> torch.Tensor:
 FLEX = {"ok": True}  # set False (and logged) when compiled flex attention fails its probe on CUDA
 
 def document_mask(ids: torch.Tensor):
-    """Causal within documents (a BOS starts one): a flex block mask, or a dense one for CPU training (no flex
-    backward there) and wherever flex failed its probe."""
+    """Causal within documents (BOS starts one): a flex block mask, else dense (CPU training; flex failed its probe)."""
     doc, (B, T) = torch.cumsum((ids == BOS_ID).to(torch.int32), dim=1), ids.shape
     if FLEX["ok"] and (ids.is_cuda or not torch.is_grad_enabled()):
         return create_block_mask(lambda b, h, q, k: (q >= k) & (doc[b, q] == doc[b, k]), B, None, T, T,
@@ -505,8 +507,7 @@ def attend(q, k, v, mask) -> torch.Tensor:
     return flex_attention(q, k, v, block_mask=mask, enable_gqa=gqa)
 
 def probe_flex(rt: Runtime, length: int, head_dim: int) -> str:
-    """Compiled flex attention with a document mask, forward and backward at the shortest compiled length; on a
-    failure every later mask is dense (SDPA), so the run goes on, slower."""
+    """Compiled flex attention, forward and backward; on a failure, later masks are dense (SDPA): slower, not fatal."""
     try:
         ids = torch.randint(0, 4, (2, length), device=rt.device)
         q = torch.randn(2, 2, length, head_dim, device=rt.device, dtype=rt.amp_dtype or torch.float32,
@@ -592,9 +593,8 @@ class Block(nn.Module):
         return x_in + attn_out + self.mlp_branch(x_in if self.parallel else x_in + attn_out, lora)
 
 class SmearGate(nn.Module):
-    """Mixes the previous token's embedding in, never into a BOS position (nor position 0). form "seed": x_t +=
-    sigmoid(gate) * (x_{t-1} - x_t), a per-dim gate (0.5 at init); "record": x_t += lam * sigmoid(w . x_t[:12]) *
-    x_{t-1}, a per-token scalar gate, lam = 0 so the identity at init (the 04-27 record, on the raw embedding)."""
+    """Mixes the previous token's embedding in, never into a BOS (nor position 0). "seed": x_t += sigmoid(gate) *
+    (x_{t-1} - x_t), per dim; "record" (04-27): x_t += lam * sigmoid(w . x_t[:12]) * x_{t-1}, the identity at init."""
     def __init__(self, dim, form="seed"):
         super().__init__()
         self.form = form
@@ -683,10 +683,8 @@ class GPT(nn.Module):
             if self.skip_weights is not None and i >= n_enc and skips:  # U-Net: mirror-layer skip, into lane 0
                 skip, gates = self.skip_weights[i - n_enc].to(x.dtype) * skips.pop(), self.skip_gates
                 x = x + skip if gates is None else torch.lerp(skip, x, torch.sigmoid(gates[i - n_enc].to(x.dtype)))
-            if block.two_lane:
-                x, lane1 = block(x, x0, mask, lane1, lora)
-            else:
-                x = block(x, x0, mask, lora=lora)
+            out = block(x, x0, mask, lane1, lora)  # a two-lane block returns both lanes
+            x, lane1 = out if block.two_lane else (out, lane1)
             if i < n_enc:
                 skips.append(x)
         return rms_norm(x if lane1 is None else 0.5 * (x + lane1))
@@ -725,8 +723,7 @@ def newton_schulz_orthogonalize(g: torch.Tensor, steps: int, coeffs=NS_COEFFS["c
     x = g.to(dtype)
     x = x / (x.norm() + 1e-7)
     tall = x.size(0) > x.size(1)
-    if tall:
-        x = x.T
+    x = x.T if tall else x
     for i in range(steps):
         a, b, c = coeffs[min(i, len(coeffs) - 1)]
         gram = x @ x.T
@@ -736,7 +733,8 @@ def newton_schulz_orthogonalize(g: torch.Tensor, steps: int, coeffs=NS_COEFFS["c
 class Muon(torch.optim.Optimizer):
     """Nesterov + Newton-Schulz (MuonEq-R: rows normalized first); rank r updates params r, r+world, ..."""
     def __init__(self, params, h: Hyperparameters, rt: Runtime):
-        super().__init__(params, dict(lr=h.matrix_lr, momentum=h.muon_momentum, weight_decay=h.muon_wd))
+        super().__init__(params, dict(lr=h.matrix_lr, base_lr=h.matrix_lr, momentum=h.muon_momentum,
+                                      weight_decay=h.muon_wd))
         self.rt, self.ns_steps, self.coeffs, self.eq_r = rt, h.muon_ns_steps, NS_COEFFS[h.muon_ns_coeffs], h.muon_eq_r
         self.dtype = torch.bfloat16 if rt.amp_dtype == torch.bfloat16 else torch.float32
         self._orth = rt.compile(newton_schulz_orthogonalize)
@@ -747,8 +745,8 @@ class Muon(torch.optim.Optimizer):
         for group in self.param_groups:
             params = group["params"]
             flat = torch.zeros(sum(p.numel() for p in params), device=self.rt.device, dtype=self.dtype)
-            offset = 0
-            for i, p in enumerate(params):
+            slots = flat.split([p.numel() for p in params])  # views of flat, one per parameter
+            for i, (p, slot) in enumerate(zip(params, slots)):
                 if i % world == rank and p.grad is not None:
                     if "momentum_buffer" not in self.state[p]:  # made once (setdefault would allocate every step)
                         self.state[p]["momentum_buffer"] = torch.zeros_like(p.grad)
@@ -758,16 +756,13 @@ class Muon(torch.optim.Optimizer):
                     if self.eq_r:
                         update = update / update.norm(dim=1, keepdim=True).clamp_min(1e-7)
                     update = self._orth(update, self.ns_steps, self.coeffs, self.dtype)
-                    flat[offset:offset + p.numel()] = (update * max(1.0, p.size(0) / p.size(1)) ** 0.5).flatten()
-                offset += p.numel()
+                    slot.copy_((update * max(1.0, p.size(0) / p.size(1)) ** 0.5).flatten())
             if world > 1:
                 dist.all_reduce(flat)
-            offset = 0
-            for p in params:
+            for p, slot in zip(params, slots):
                 if group["weight_decay"]:
                     p.mul_(1.0 - group["lr"] * group["weight_decay"])
-                p.add_(flat[offset:offset + p.numel()].view_as(p).to(p.dtype), alpha=-group["lr"])
-                offset += p.numel()
+                p.add_(slot.view_as(p).to(p.dtype), alpha=-group["lr"])
 
 def build_optimizers(model: GPT, h: Hyperparameters, rt: Runtime):
     """Muon: block matrices and the bigram projection. AdamW: embedding tables, and scalars/gains/mixes/gates."""
@@ -783,9 +778,7 @@ def build_optimizers(model: GPT, h: Hyperparameters, rt: Runtime):
         [dict(params=tables, lr=h.embed_lr, base_lr=h.embed_lr, weight_decay=h.embed_wd),
          dict(params=scalars, lr=h.scalar_lr, base_lr=h.scalar_lr, weight_decay=h.adam_wd)],
         betas=(h.beta1, h.beta2), eps=1e-8, fused=rt.device.type == "cuda")
-    muon = Muon(matrices, h, rt)
-    muon.param_groups[0]["base_lr"] = h.matrix_lr
-    return [adam, muon]
+    return [adam, Muon(matrices, h, rt)]
 
 def lr_multiplier(frac: float, h: Hyperparameters) -> float:
     """1 until the last WARMDOWN_FRAC of the budget, then linear towards 0 at the end, floored at MIN_LR_FRAC."""
@@ -800,9 +793,8 @@ def muon_wd_multiplier(frac: float, h: Hyperparameters) -> float:
 
 # ======== Averaging (EMA / SWA) =======================================================================================
 class WeightAverager:
-    """EMA of the parameters, or SWA: the mean of checkpoints every SWA_EVERY steps once the LR mult < SWA_START_LR.
-    The EMA's decay at step t is min(EMA_DECAY, (1+t)/(10+t)): early weights fade out of a short run, while runs
-    past ~(10d-1)/(1-d) steps (2,560 at 0.9965) end as with a constant decay."""
+    """EMA, or SWA: the mean of checkpoints every SWA_EVERY steps once the LR mult < SWA_START_LR. EMA decay at step
+    t: min(EMA_DECAY, (1+t)/(10+t)), so early weights fade out of a short run (long runs: a constant decay)."""
     def __init__(self, model: nn.Module, h: Hyperparameters):
         self.mode, self.h, self.params, self.count = h.averaging, h, list(model.parameters()), 0
         self.avg = [p.detach().float().clone() for p in self.params] if self.mode == "ema" else None
@@ -913,13 +905,11 @@ def gptq_quantize(w: torch.Tensor, hessian: torch.Tensor, bits: int, block: int 
 def collect_hessians(model: GPT, batches, names: set[str], rt: Runtime) -> dict[str, torch.Tensor]:
     """H = mean x x^T of each named layer's input; for the tied embedding, of the final hidden state (head input)."""
     sums, counts, modules = {}, {}, dict(model.named_modules())
-
     def add(key, x):
         x = x.detach().reshape(-1, x.size(-1)).float()  # fp32 Hessian, not bf16
         with torch.autocast(x.device.type, enabled=False):
             sums[key] = sums.get(key, 0) + x.T @ x
         counts[key] = counts.get(key, 0) + x.size(0)
-
     hooks = [modules[n[: -len(".weight")]].register_forward_hook(lambda m, inp, out, key=n: add(key, inp[0]))
              for n in names - {"tok_emb.weight"}]
     try:
@@ -973,8 +963,7 @@ def quantize_state(model: GPT, h: Hyperparameters, hessians: dict | None = None,
             continue
         if hessians is not None and name in hessians:
             factors[name] = factors.get(name) or gptq_factor(hessians[name])
-            q, scale = gptq_quantize(t, hessians[name], bits, mult=mult, clip_k=sdclip_k(name, h),
-                                     factor=factors[name])
+            q, scale = gptq_quantize(t, hessians[name], bits, mult=mult, clip_k=sdclip_k(name, h), factor=factors[name])
         else:
             q, scale = quantize_rows(t, bits, sdclip_k(name, h), mult=mult)
         out[name] = {"bits": bits, "q": q.cpu(), "scale": scale.cpu(), "group": t.shape[1]}
@@ -1061,7 +1050,6 @@ def quantize_within_budget(model: GPT, h: Hyperparameters, hessians, config: dic
     (round-to-nearest codes, no LQER) x the ratio real/estimate at the last real artifact (GPTQ, LQER; built usually
     twice), then secant steps between real ones, until within FIT_TOLERANCE under the budget (or the finest fit)."""
     limit, factors, memo, clock = budget_bytes(h) - code_bytes(), {}, {}, {False: [], True: []}
-
     def size(x, is_real=False):  # bytes of the real artifact (kept in memo) or of the estimate
         if (x, is_real) not in memo:
             t0, hh = time.perf_counter(), h if is_real else replace(h, lqer_rank=0)
@@ -1070,33 +1058,30 @@ def quantize_within_budget(model: GPT, h: Hyperparameters, hessians, config: dic
             memo[x, is_real] = blob if is_real else len(blob)
             clock[is_real].append(time.perf_counter() - t0)
         return len(memo[x, True]) if is_real else memo[x, False]
-
     lo, hi = (math.log(m) for m in FIT_MULT_RANGE) if h.auto_fit else (0.0, 0.0)
     target, ratio, how = limit * (1 - FIT_TOLERANCE / 2), 1.0, "the finest steps fit"
-    too_large = lambda: ArtifactTooLarge(f"artifact is {size(hi, True)} bytes, over the {limit}-byte limit even with "
-                                         f"every step x{round(math.exp(hi), 4)}" + (": fewer parameters or bits are "
-                                         "needed" if h.auto_fit else " (AUTO_FIT=0)"))
     if h.auto_fit and size(lo) > limit or size(lo, True) > limit:
         how = "searched"
-        if not h.auto_fit or size(hi) > target and size(hi, True) > limit:
-            raise too_large()
-        for step in range(10):
-            over, under = ([x for x, r in memo if r and (size(x, True) > limit) is side] for side in (True, False))
-            if step >= 2 and over and under:  # secant and bisection steps between the closest real artifacts
-                (a, na), (b, nb) = ((x, size(x, True)) for x in (max(over), min(under)))
-                x = (a + b) / 2 if step % 2 else a + (b - a) * (na - target) / (na - nb)
-            else:  # bisection on the estimate x ratio
-                a, b = lo, hi
-                for _ in range(40):
-                    x = (a + b) / 2
-                    if abs(size(x) * ratio - target) < limit * FIT_TOLERANCE / 8:
-                        break
-                    a, b = (x, b) if size(x) * ratio > target else (a, x)
-            ratio = size(x, True) / size(x)
-            if limit * (1 - FIT_TOLERANCE) <= size(x, True) <= limit:
-                break
+        if h.auto_fit and (size(hi) <= target or size(hi, True) <= limit):  # else nothing fits: raised below
+            for step in range(10):
+                over, under = ([x for x, r in memo if r and (size(x, True) > limit) is side] for side in (True, False))
+                if step >= 2 and over and under:  # secant and bisection steps between the closest real artifacts
+                    (a, na), (b, nb) = ((x, size(x, True)) for x in (max(over), min(under)))
+                    x = (a + b) / 2 if step % 2 else a + (b - a) * (na - target) / (na - nb)
+                else:  # bisection on the estimate x ratio
+                    a, b = lo, hi
+                    for _ in range(40):
+                        x = (a + b) / 2
+                        if abs(size(x) * ratio - target) < limit * FIT_TOLERANCE / 8:
+                            break
+                        a, b = (x, b) if size(x) * ratio > target else (a, x)
+                ratio = size(x, True) / size(x)
+                if limit * (1 - FIT_TOLERANCE) <= size(x, True) <= limit:
+                    break
     if all(size(x, True) > limit for x, r in memo if r) and size(hi, True) > limit:
-        raise too_large()
+        raise ArtifactTooLarge(f"artifact is {size(hi, True)} bytes, over the {limit}-byte limit even with every step "
+                               f"x{round(math.exp(hi), 4)}" + (": fewer parameters or bits are needed" if h.auto_fit
+                                                                else " (AUTO_FIT=0)"))
     x = max((x for x, r in memo if r and size(x, True) <= limit), key=lambda x: size(x, True))
     log(f"auto_fit: {how if h.auto_fit else 'off'}: step multiplier {math.exp(x):.4f} -> {size(x, True)} bytes, "
         f"{size(x, True) / limit:.2%} of the {limit}-byte budget; {len(clock[False])} estimates in "
@@ -1150,20 +1135,13 @@ def rank_slice(n: int, rank: int, world_size: int) -> range:
     return range(n * rank // world_size, n * (rank + 1) // world_size)
 
 def eval_plain(model, tokens, seq_len, batch_seqs, luts, rt: Runtime) -> Scores:
-    """Non-overlapping windows of seq_len: the sliding evaluation with stride = seq_len."""
     return eval_sliding(model, tokens, seq_len, seq_len, batch_seqs, luts, rt)
 
 def sliding_windows(n_targets: int, seq_len: int, stride: int) -> list[tuple[int, int, int]]:
     """(start, score_from, score_to): window k reads inputs [start, start+seq_len), scores [score_from, score_to);
     the ranges tile [0, n_targets), and a target past the first window sees >= seq_len-stride+1 tokens."""
-    windows, start = [], 0
-    while True:
-        score_from = 0 if start == 0 else start + seq_len - stride
-        if score_from >= n_targets:
-            break
-        windows.append((start, score_from, min(start + seq_len, n_targets)))
-        start += stride
-    return windows
+    starts = range(0, max(n_targets - seq_len, 0) + stride, stride) if n_targets > 0 else []
+    return [(s, 0 if s == 0 else s + seq_len - stride, min(s + seq_len, n_targets)) for s in starts]
 
 @torch.no_grad()
 def score_windows(model, tokens, windows, seq_len, batch_seqs, luts, rt: Runtime, scores: Scores):
@@ -1182,26 +1160,23 @@ def score_windows(model, tokens, windows, seq_len, batch_seqs, luts, rt: Runtime
         mask = (pos[:, :-1] >= w[:, 1:2]) & (pos[:, :-1] < w[:, 2:3])
         scores.add(nll, x, y, luts, mask, pos[:, :-1])
 
-def eval_sliding(model, tokens, seq_len, stride, batch_seqs, luts, rt: Runtime) -> Scores:
-    windows = sliding_windows(tokens.numel() - 1, seq_len, stride)
-    scores = Scores(luts[0].device)
-    mine = rank_slice(len(windows), rt.rank, rt.world)
+def eval_sliding(model, tokens, seq_len, stride, batch_seqs, luts, rt: Runtime, windows=None) -> Scores:
+    """Each rank scores its share of the windows (default: every sliding window), then the sums are all-reduced."""
+    windows = sliding_windows(tokens.numel() - 1, seq_len, stride) if windows is None else windows
+    scores, mine = Scores(luts[0].device), rank_slice(len(windows), rt.rank, rt.world)
     score_windows(model, tokens, windows[mine.start:mine.stop], seq_len, batch_seqs, luts, rt, scores)
     return scores.reduce(rt.world)
 
 def ttt_step_rows(h: Hyperparameters) -> int:
-    """Rows of EVAL_SEQ_LEN per TTT SGD step: one TTT_CHUNK_TOKENS chunk (16 rows of 2048 at 32,768), at most
-    TTT_BATCH_SEQS, so a chunk's step carries no padded rows."""
+    """Rows of EVAL_SEQ_LEN per TTT SGD step: one TTT_CHUNK_TOKENS chunk, at most TTT_BATCH_SEQS (no padded rows)."""
     return max(1, min(h.ttt_batch_seqs, h.ttt_chunk_tokens // h.eval_seq_len))
 
 def sgd_train(model, tokens, targets: torch.Tensor, params, opt, h: Hyperparameters, rt: Runtime, lr_at=None):
-    """TTT_EPOCHS passes over already scored targets t (input tokens[t]) in rows of EVAL_SEQ_LEN, ttt_step_rows rows
-    a step on any world size, rank r taking rows r, r+world, ...; a last partial row is masked and reads no token.
-    lr_at(step, steps): each step's learning rate, a step at lr 0 skipped (None: the lr as set)."""
+    """TTT_EPOCHS passes over scored targets t (input tokens[t]), ttt_step_rows rows of EVAL_SEQ_LEN a step, rank r
+    taking rows r, r+world, ... (a partial row masked); lr_at(step, steps): each step's lr, a step at 0 skipped."""
     seq_len, rows = h.eval_seq_len, ttt_step_rows(h)
     per_rank, n_steps = -(-rows // rt.world), -(-targets.numel() // (rows * seq_len))
-    padded = torch.full((n_steps * rows * seq_len,), -1, dtype=torch.int64, device=targets.device)
-    padded[:targets.numel()] = targets
+    padded = F.pad(targets, (0, n_steps * rows * seq_len - targets.numel()), value=-1)
     for _ in range(h.ttt_epochs):
         for i, step_targets in enumerate(padded.view(n_steps, rows, seq_len)):
             if lr_at is not None:
@@ -1233,14 +1208,12 @@ def eval_ttt(model: GPT, tokens, h: Hyperparameters, luts, rt: Runtime):
     by_chunk = [[] for _ in range(-(-n_targets // chunk))]
     for w in sliding_windows(n_targets, h.eval_seq_len, h.eval_stride):
         by_chunk[w[1] // chunk].append(w)
-    params = list(getattr(model, "_orig_mod", model).parameters())
+    params = list(model.parameters())
     opt = torch.optim.SGD(params, lr=h.ttt_lr, momentum=0.9)  # gradients clipped to norm 1 in sgd_train
     total, per_chunk, scored_to = Scores(luts[0].device), [], 0
     for c, windows in enumerate(by_chunk):
-        chunk_scores, mine = Scores(luts[0].device), rank_slice(len(windows), rt.rank, rt.world)
-        score_windows(model, tokens, windows[mine.start:mine.stop], h.eval_seq_len, h.val_batch_seqs, luts, rt,
-                      chunk_scores)
-        total.sums += chunk_scores.reduce(rt.world).sums
+        chunk_scores = eval_sliding(model, tokens, h.eval_seq_len, h.eval_stride, h.val_batch_seqs, luts, rt, windows)
+        total.sums += chunk_scores.sums
         per_chunk.append(chunk_scores.sums.clone())
         scored_to = max([scored_to] + [w[2] for w in windows])
         lo, hi = c * chunk, min((c + 1) * chunk, n_targets)
@@ -1301,9 +1274,8 @@ def lora_window(max_len: int, seq_len: int, floor: int = 1) -> int:
     return length
 
 def score_lora_batch(model, tokens, batch_docs, h: Hyperparameters, luts, rt: Runtime, adapters, scores):
-    """One batch of documents, each with its own adapters. Chunk c of every document is scored (final), then one
-    AdamW step on the adapters with each document's mean loss over that chunk, summed over the batch; no step
-    follows a document's last chunk. A window reads at most EVAL_SEQ_LEN tokens of its own document."""
+    """Documents, each with its own adapters: chunk c of each is scored (final), then one AdamW step on the sum of
+    their mean losses on it (none after a document's last chunk); a window reads <= EVAL_SEQ_LEN of its document."""
     device, chunk, seq_len = luts[0].device, h.ttt_lora_chunk, h.eval_seq_len
     docs = torch.tensor(batch_docs + [(0, 0)] * (h.ttt_lora_docs - len(batch_docs)), dtype=torch.int64, device=device)
     first, end = docs[:, 0:1], docs[:, 1:2]
@@ -1331,23 +1303,20 @@ def score_lora_batch(model, tokens, batch_docs, h: Hyperparameters, luts, rt: Ru
         opt.zero_grad(set_to_none=True)
 
 def global_sgd(model, tokens, targets, h: Hyperparameters, rt: Runtime):
-    """phased TTT's pass over scored documents: a fresh SGD (momentum 0.9) on the whole base model, the lr
-    cosine-decayed from TTT_LR to 0 over the phase's steps (the last one, at lr 0, skipped), as the record."""
-    params = list(getattr(model, "_orig_mod", model).parameters())
+    """phased TTT's pass over scored documents: a fresh SGD on the whole model, lr cosine from TTT_LR to 0 (record)."""
+    params = list(model.parameters())
     sgd_train(model, tokens, targets, params, torch.optim.SGD(params, lr=h.ttt_lr, momentum=0.9), h, rt,
               lambda i, n: h.ttt_lr * 0.5 * (1.0 + math.cos(math.pi * (i / (n - 1) if n > 1 else 1.0))))
 
 def eval_lora(model: GPT, tokens, h: Hyperparameters, luts, rt: Runtime):
-    """Per-document LoRA TTT: documents longest first (the scoring order), TTT_LORA_DOCS a batch, a batch per rank a
-    round; B reset per batch, A redrawn (or kept, TTT_LORA_WARM_A). phased: once the first m documents of the order
-    are scored, for each of TTT_PHASES marks m up to TTT_PHASE_DOCS, global_sgd on exactly those documents, then
-    fresh adapters. -> (Scores, phases run)"""
+    """Per-document LoRA TTT: documents longest first, TTT_LORA_DOCS a batch, a batch per rank a round; B reset per
+    batch, A redrawn (or kept: TTT_LORA_WARM_A). phased: once the first m documents (TTT_PHASES marks m up to
+    TTT_PHASE_DOCS) are scored, global_sgd on exactly those, then fresh adapters. -> (Scores, phases run)"""
     device, net = luts[0].device, getattr(model, "_orig_mod", model)
     queue = sorted(documents(tokens), key=lambda d: (d[0] - d[1], d[0]))
     batches = [queue[b:b + h.ttt_lora_docs] for b in range(0, len(queue), h.ttt_lora_docs)]
-    n_prefix = min(h.ttt_phase_docs, len(queue))
-    marks = [n_prefix * (p + 1) // h.ttt_phases for p in range(h.ttt_phases)] if h.ttt_mode == "phased" else []
-    marks = [m for m in marks if m > 0]
+    n_prefix = min(h.ttt_phase_docs, len(queue)) if h.ttt_mode == "phased" else 0  # lora: no global phase
+    marks = [m for m in (n_prefix * (p + 1) // h.ttt_phases for p in range(h.ttt_phases)) if m > 0]
     adapters, scores, phases_done = make_adapters(net, h, device), Scores(device), 0
     reset_adapters(adapters, h.seed, redraw_a=True)
     for r in range(0, len(batches), rt.world):
@@ -1365,8 +1334,7 @@ def eval_lora(model: GPT, tokens, h: Hyperparameters, luts, rt: Runtime):
 
 def prime_eval_graphs(model, h: Hyperparameters, luts, rt: Runtime):
     """Every evaluation path once on synthetic tokens (never validation), so its graphs compile before the clocks:
-    plain and sliding windows, TTT's SGD step (at lr 0), LoRA windows of every length (adapters only, forward and
-    backward; windows shorter than a chunk only score): the weights are unchanged."""
+    plain and sliding windows, the TTT SGD step (lr 0), LoRA windows of each length (adapters only); same weights."""
     device, net = luts[0].device, getattr(model, "_orig_mod", model)
     n, chunk = max(h.train_seq_len, h.eval_seq_len) + h.ttt_lora_chunk, h.ttt_lora_chunk
     tokens = torch.randint(2, h.vocab_size, (n + 1,), generator=torch.Generator().manual_seed(0)).to(device)
@@ -1393,7 +1361,6 @@ def make_logger(path: str | None):
     """Rank 0 prints and appends to its log file; the other ranks stay silent."""
     if path:
         os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-
     def log(msg: str):
         if path:
             print(msg, flush=True)
@@ -1451,19 +1418,16 @@ class CompileGuard:
         return new, reasons
 
 def train_model(h: Hyperparameters, model: GPT, rt: Runtime, log, val_tokens, luts, guard: CompileGuard):
-    """Train until the wall clock (less the GPTQ reserve) or ITERATIONS: (seconds, the live weights' last val_bpb,
-    the compiled model); the weights are then averaged."""
+    """Train to the wall clock (less the GPTQ reserve) or ITERATIONS, then average -> (seconds, live bpb, compiled)."""
     device, world, grad_accum = rt.device, rt.world, 8 // rt.world
     compiled = rt.compile(model)
     ddp = DDP(compiled, device_ids=[device.index] if device.type == "cuda" else None,
               broadcast_buffers=False) if world > 1 else compiled
     optimizers = build_optimizers(model, h, rt)
     train_pattern = os.path.join(h.data_path, "fineweb_train_*.bin")
-
     def make_loader():
         return DistributedTokenLoader(train_pattern, h.vocab_size, rt.rank, world, device, h.train_batch_tokens //
                                       grad_accum, h.train_seq_len, docs=h.train_doc_rows)
-
     def train_step(loader):
         total = torch.zeros((), device=device)
         for micro in range(grad_accum):
@@ -1562,15 +1526,17 @@ def train_model(h: Hyperparameters, model: GPT, rt: Runtime, log, val_tokens, lu
 
 def calibrate(h: Hyperparameters, model: GPT, rt: Runtime, log, train_time: float):
     """GPTQ Hessians and temperature from training tokens; fails past MAX_WALLCLOCK_SECONDS with training."""
-    t0, hessians, temperature, calibrating = time.perf_counter(), None, 1.0, h.gptq or h.fit_temperature
+    t0, hessians, calibrating, T = time.perf_counter(), None, h.gptq or h.fit_temperature, h.train_seq_len
     tf32, torch.backends.cuda.matmul.allow_tf32 = torch.backends.cuda.matmul.allow_tf32, False  # fp32 Hessian products
-    files, T, n, mine = list_shards(os.path.join(h.data_path, "fineweb_train_*.bin")), h.train_seq_len, 0, range(0)
+    files, n, mine = list_shards(os.path.join(h.data_path, "fineweb_train_*.bin")), 0, range(0)
     if calibrating:  # GPTQ_CALIB_TOKENS in whole windows drawn (seeded, none twice) from all shards, split over ranks
-        per = np.array([max(os.path.getsize(f) // 2 - 2 * SHARD_HEADER_INTS - 1, 0) // T for f in files])  # windows
-        n, ends = min(max(-(-h.gptq_calib_tokens // T), rt.world), int(per.sum())), np.cumsum(per)
-        picks = np.sort(np.random.default_rng(h.seed).choice(int(per.sum()), n, replace=False))
-        at, mine = np.searchsorted(ends, picks, side="right"), rank_slice(n, rt.rank, rt.world)
-        t = np.stack([load_shard(files[at[i]], int(picks[i] - ends[at[i]] + per[at[i]]) * T, T + 1) for i in mine])
+        per_shard = np.array([max(os.path.getsize(f) // 2 - 2 * SHARD_HEADER_INTS - 1, 0) // T for f in files])
+        n = min(max(-(-h.gptq_calib_tokens // T), rt.world), int(per_shard.sum()))
+        picks = np.sort(np.random.default_rng(h.seed).choice(int(per_shard.sum()), n, replace=False))  # window ids
+        shard = np.searchsorted(np.cumsum(per_shard), picks, side="right")
+        first = picks - (np.cumsum(per_shard) - per_shard)[shard]  # each pick's window index within its shard
+        mine = rank_slice(n, rt.rank, rt.world)
+        t = np.stack([load_shard(files[shard[i]], int(first[i]) * T, T + 1) for i in mine])
         check_token_range(t, h.vocab_size, "calibration windows")
         x, y = (torch.from_numpy(a.astype(np.int64)).to(rt.device) for a in (t[:, :-1], t[:, 1:]))
         batches = [(x[i:i + h.val_batch_seqs], y[i:i + h.val_batch_seqs]) for i in range(0, len(x), h.val_batch_seqs)]
@@ -1578,8 +1544,7 @@ def calibrate(h: Hyperparameters, model: GPT, rt: Runtime, log, train_time: floa
         names = {n for n, p in model.named_parameters() if tensor_bits(n, h) and p.numel() > h.passthrough_max_numel
                  and (n.startswith("blocks.") or n == "tok_emb.weight" and h.gptq_embed)}
         hessians = collect_hessians(model, batches, names, rt)
-    if h.fit_temperature:
-        temperature = fit_temperature(model, batches, rt)
+    temperature = fit_temperature(model, batches, rt) if h.fit_temperature else 1.0
     seconds, torch.backends.cuda.matmul.allow_tf32 = time.perf_counter() - t0, tf32
     log(f"calibration: {n * T} training tokens ({len(mine) * T} per rank, {len(files)} shards), {len(hessians or {})} "
         f"Hessians, temperature:{temperature} in {seconds:.1f}s: {len(mine) * T / max(seconds, 1e-9):.0f} tokens/s "
@@ -1600,8 +1565,7 @@ def export_artifact(h: Hyperparameters, model: GPT, rt: Runtime, log, hessians, 
         tf32, torch.backends.cuda.matmul.allow_tf32 = torch.backends.cuda.matmul.allow_tf32, False  # fp32 GPTQ
         blob = quantize_within_budget(model, h, hessians, model_config(h, model.looping, temperature), log)
         torch.backends.cuda.matmul.allow_tf32 = tf32
-        with open(h.artifact_path, "wb") as f:
-            f.write(blob)
+        Path(h.artifact_path).write_bytes(blob)
         log(f"export: zstd-{h.zstd_level} lqer_rank:{h.lqer_rank} -> "
             f"{h.artifact_path} {len(blob)} bytes in {time.perf_counter() - t0:.1f}s")
     if rt.world > 1:
@@ -1680,15 +1644,13 @@ def main():
             f"live_weights_val_bpb:{live_bpb:.8f} averaging_delta:{scores.val_bpb - live_bpb:+.6f}")
         export_artifact(h, model, rt, log, hessians, temperature)
     else:  # a model of the artifact's shape, its evaluation graphs primed before the clock (weights are unchanged)
-        with open(h.artifact_path, "rb") as f:
-            model = load_artifact_into(None, f.read(), h, rt.device)
+        model = load_artifact_into(None, Path(h.artifact_path).read_bytes(), h, rt.device)
         evaluator = rt.compile(model)
         if rt.compiled:
             prime_eval_graphs(evaluator, h, luts, rt)
             log(f"eval_only: evaluation graphs primed on synthetic tokens; graphs compiled:{guard.mark('train')[0]}")
     eval_start = time.perf_counter()  # the evaluation clock: from reading the artifact to the last score
-    with open(h.artifact_path, "rb") as f:
-        blob = f.read()
+    blob = Path(h.artifact_path).read_bytes()
     model = load_artifact_into(model, blob, h, rt.device)  # every score: the artifact's
     bytes_code = code_bytes()
     log(f"bytes_model:{len(blob)} bytes_code:{bytes_code} bytes_total:{len(blob) + bytes_code} limit:{budget_bytes(h)}")

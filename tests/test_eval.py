@@ -396,12 +396,12 @@ def record_scores(monkeypatch, tokens):
     assert len(index) == tokens.numel() - 1
     orig = tg.Scores.add
 
-    def add(self, nll, prev, tgt, luts, mask=None):
+    def add(self, nll, prev, tgt, luts, mask=None, pos=None):
         for (b, j) in mask.nonzero().tolist():
             t = index[(int(prev[b, j]), int(tgt[b, j]))]
             assert torch.isnan(out[t]), f"target {t} scored twice"
             out[t] = float(nll[b, j])
-        return orig(self, nll, prev, tgt, luts, mask)
+        return orig(self, nll, prev, tgt, luts, mask, pos)
     monkeypatch.setattr(tg.Scores, "add", add)
     return out
 

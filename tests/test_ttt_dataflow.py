@@ -118,10 +118,10 @@ class Recorder:
 def install(monkeypatch, model: tg.GPT, rec: Recorder):
     orig_add, orig_forward, orig_sgd = tg.Scores.add, model.forward, tg.sgd_train
 
-    def add(self, nll, prev, tgt, luts, mask=None):
+    def add(self, nll, prev, tgt, luts, mask=None, pos=None):
         m = torch.ones_like(nll, dtype=torch.bool) if mask is None else mask
         rec.events.append(("score", rec.forwards, rec.lookup(prev[m], tgt[m]), nll[m].detach().double().clone()))
-        return orig_add(self, nll, prev, tgt, luts, mask)
+        return orig_add(self, nll, prev, tgt, luts, mask, pos)
 
     def forward(ids, targets, reduction="mean"):
         rec.forwards += 1
