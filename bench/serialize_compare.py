@@ -3,7 +3,7 @@
 
 The state: the weights of --checkpoint (bench/export_compare.py's format, the knobs given by --knob) or, without a
 checkpoint, the model of the knobs at its initial weights (bench/artifact_size.py's init_model: full-size shapes, for
-the dry-run figure), quantized by quantize_state at step multiplier --mult, with GPTQ when --gptq-seqs > 0 (Hessians
+the dry-run figure), quantized by quantize_state at step multiplier --mult, with GPTQ when --gptq-tokens > 0 (Hessians
 from DATA_PATH's training shards).
 
 Layouts of the code tensors (scales, fp16 tensors and the config always go in one extra stream of the compressor):
@@ -113,8 +113,9 @@ def main(argv=None) -> int:
     ap.add_argument("--checkpoint", default=None)
     ap.add_argument("--knob", action="append", default=[])
     ap.add_argument("--mult", type=float, default=1.0)
-    ap.add_argument("--gptq-seqs", type=int, default=0)
+    ap.add_argument("--gptq-tokens", type=int, default=0, help="GPTQ calibration tokens (0: round to nearest)")
     ap.add_argument("--layouts", default="state,tensor,group,group_t,group_st")
+    ap.add_argument("--only", default="", help="layout/compressor pairs to run, comma-separated (default: all)")
     ap.add_argument("--label", default="")
     args = ap.parse_args(argv)
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
@@ -130,8 +131,8 @@ def main(argv=None) -> int:
         from artifact_size import init_model
         model = init_model(h)
     hessians = None
-    if args.gptq_seqs:
-        hh = replace(h, gptq_calib_seqs=args.gptq_seqs, fit_temperature=False, max_wallclock_seconds=0)
+    if args.gptq_tokens:
+        hh = replace(h, gptq_calib_tokens=args.gptq_tokens, fit_temperature=False, max_wallclock_seconds=0)
         hessians, _ = tg.calibrate(hh, model, tg.Runtime(torch.device("cpu")), print, 0.0)
     t0 = time.perf_counter()
     qstate = tg.quantize_state(model, h, hessians, args.mult)
@@ -145,6 +146,8 @@ def main(argv=None) -> int:
         parts = streams(qstate, config, layout)
         prep = time.perf_counter() - t0
         for cname, fn in COMPRESSORS.items():
+            if args.only and f"{layout}/{cname}" not in args.only.split(","):
+                continue
             t0 = time.perf_counter()
             rest = COMPRESSORS["zstd-22"] if cname == "zstd-literal" else fn  # literals only: the codes' streams
             size = len(rest(parts[0])) + sum(len(fn(p)) for p in parts[1:])
@@ -159,7 +162,8 @@ def main(argv=None) -> int:
     print(f"\nartifact format in train_gpt.py: {ref:,} bytes; order-0 entropy of the grouped codes: {floor:,.0f}\n")
     print("| layout | " + " | ".join(COMPRESSORS) + " |\n|---|" + "---|" * len(COMPRESSORS))
     for layout in layouts:
-        print(f"| {layout} | " + " | ".join(f"{rows[(layout, c)]:,}" for c in COMPRESSORS) + " |")
+        print(f"| {layout} | " + " | ".join(f"{rows[(layout, c)]:,}" if (layout, c) in rows else "—"
+                                             for c in COMPRESSORS) + " |")
     return 0
 
 
