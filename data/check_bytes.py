@@ -147,16 +147,21 @@ def main(argv=None) -> int:
             print(f"    doc {k}: {name} {counts[k]} vs direct {direct[k]}: {decoded[k][:80]!r}")
         bad += len(diff)
     if args.text:
-        raw = [t for t in iter_documents(args.text) if t.strip()]
-        if len(raw) < len(docs):
-            sys.exit(f"check_bytes: {len(raw)} non-empty input documents but {len(docs)} in the shards")
-        raw = raw[:len(docs)]
+        raw = _input_documents(args.text, len(docs))
         raw_bytes = sum(len(t.encode("utf-8")) for t in raw)
         changed = sum(r != d for r, d in zip(raw, decoded))
         print(f"  raw input bytes: {raw_bytes:,} ({raw_bytes - sum(direct):+,} vs normalised); "
               f"normalisation changed {changed} of {len(docs)} documents")
     print("OK: every count matches the direct one" if not bad else f"MISMATCH in {bad} count(s)")
     return 1 if bad else 0
+
+
+def _input_documents(path, n: int) -> list[str]:
+    """The first n non-empty documents of --text (the shards skip empty ones); fewer is an error."""
+    raw = [t for t in iter_documents(path) if t.strip()]
+    if len(raw) < n:
+        sys.exit(f"check_bytes: {len(raw)} non-empty input documents but {n} in the shards")
+    return raw[:n]
 
 
 def _per_doc(counts: np.ndarray, docs: list[np.ndarray]) -> list[int]:
@@ -197,9 +202,7 @@ def check_caseops(args, sp, scheme, stream, docs, sidecar, n_files) -> int:
             print(f"    doc {k}: sidecar {per_doc[k]} vs original {direct[k]}: {originals[k][:80]!r}")
         bad += len(diff)
     if args.text:
-        raw = [t for t in iter_documents(args.text) if t.strip()]
-        if len(raw) < len(docs):
-            sys.exit(f"check_bytes: {len(raw)} non-empty input documents but {len(docs)} in the shards")
+        raw = _input_documents(args.text, len(docs))
         differ = [k for k in range(len(docs)) if originals[k] is not None and originals[k] != raw[k]]
         print(f"  input text: {len(differ)} of {len(docs)} documents differ from the decoded original")
         bad += len(differ)
