@@ -105,7 +105,6 @@ class Hyperparameters:
     muon_ns_coeffs: str = "classic"  # classic: one (a, b, c); polar: Polar Express, one tuple per iteration
     muon_eq_r: bool = False  # MuonEq-R: normalize each row of the update before Newton-Schulz
     muon_wd: float = 0.04
-    muon_wd_taper_from: float = 1.0  # from this training fraction on, the Muon WD falls linearly to half
     adam_wd: float = 0.04  # scalars and gains
     embed_wd: float = 0.04  # embedding tables
     beta1: float = 0.9
@@ -220,8 +219,9 @@ class Hyperparameters:
                 raise KnobError(message)
 
 REMOVED_KNOBS = dict.fromkeys(("BITPACK", "COMPRESSOR", "OVERTONE_INIT", "TTT_OPTIMIZER", "TTT_FREEZE_BLOCKS",
-    "QAT_LR_FACTOR", "GPTQ_BLOCK", "GPTQ_DAMP", "ADAM_EPS", "TTT_MOMENTUM", "TTT_GRAD_CLIP", "TIED_EMBED_INIT_STD",
-    "MUON_WD_TAPER_TO"), "it is a constant now, or measurement showed it useless (see the README)")
+    "QAT_LR_FACTOR", "GPTQ_BLOCK", "GPTQ_DAMP", "ADAM_EPS", "TTT_MOMENTUM", "TTT_GRAD_CLIP",
+    "TIED_EMBED_INIT_STD", "MUON_WD_TAPER_FROM", "MUON_WD_TAPER_TO"),
+    "it is a constant now, or measurement showed it useless (see the README)")
 REMOVED_KNOBS["QUANT_CLIP"] = "SDClip is the only clip rule: it beat the per-row error search at equal bytes (README)"
 REMOVED_KNOBS["PRUNE_FRAC"] = "magnitude pruning moved val_bpb by < 0.0005 at equal bytes; cut for the line budget"
 REMOVED_KNOBS["GPTQ_CALIB_SEQS"] = "GPTQ_CALIB_TOKENS: a token count (the record: 16 x 48 x 2048 = 1572864)"
@@ -785,11 +785,6 @@ def lr_multiplier(frac: float, h: Hyperparameters) -> float:
     if h.warmdown_frac <= 0 or frac < 1.0 - h.warmdown_frac:
         return 1.0
     return max((1.0 - frac) / h.warmdown_frac, h.min_lr_frac)
-
-def muon_wd_multiplier(frac: float, h: Hyperparameters) -> float:
-    """1 until MUON_WD_TAPER_FROM, then linear down to 0.5 at the end of the budget."""
-    start = h.muon_wd_taper_from
-    return 1.0 if frac < start or start >= 1.0 else 1.0 - 0.5 * min((frac - start) / (1.0 - start), 1.0)
 
 # ======== Averaging (EMA / SWA) =======================================================================================
 class WeightAverager:
@@ -1499,7 +1494,6 @@ def train_model(h: Hyperparameters, model: GPT, rt: Runtime, log, val_tokens, lu
         muon_group = optimizers[1].param_groups[0]
         warm = min(step / h.muon_momentum_warmup_steps, 1.0) if h.muon_momentum_warmup_steps else 1.0
         muon_group["momentum"] = (1 - warm) * h.muon_momentum_warmup_start + warm * h.muon_momentum
-        muon_group["weight_decay"] = h.muon_wd * muon_wd_multiplier(frac, h)
         loss = train_step(loader)
         step += 1
         averager.update(step, lr_mul)
