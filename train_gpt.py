@@ -1044,7 +1044,7 @@ def quantize_within_budget(model: GPT, h: Hyperparameters, hessians, config: dic
     """Quantize and compress. AUTO_FIT: one multiplier e^x of every step (bytes fall as x grows), bisected on estimates
     (round-to-nearest codes, no LQER) x the ratio real/estimate at the last real artifact (GPTQ, LQER; built usually
     twice), then secant steps between real ones, until within FIT_TOLERANCE under the budget (or the finest fit)."""
-    limit, factors, memo, clock = budget_bytes(h) - code_bytes(), {}, {}, {False: [], True: []}
+    limit, factors, memo, clock = h.max_artifact_bytes - code_bytes(), {}, {}, {False: [], True: []}
     def size(x, is_real=False):  # bytes of the real artifact (kept in memo) or of the estimate
         if (x, is_real) not in memo:
             t0, hh = time.perf_counter(), h if is_real else replace(h, lqer_rank=0)
@@ -1089,16 +1089,13 @@ def model_config(h: Hyperparameters, looping: bool, temperature: float = 1.0) ->
 def code_bytes() -> int:
     return os.path.getsize(os.path.abspath(__file__))
 
-def budget_bytes(h: Hyperparameters) -> int:
-    return min(h.max_artifact_bytes, CHALLENGE_MAX_BYTES)
-
 class ArtifactTooLarge(RuntimeError):
     pass
 
 def check_budget(model_bytes: int, h: Hyperparameters) -> int:
-    if model_bytes + code_bytes() > budget_bytes(h):
+    if model_bytes + code_bytes() > h.max_artifact_bytes:
         raise ArtifactTooLarge(f"bytes_total {model_bytes + code_bytes()} (model {model_bytes} + code {code_bytes()}) "
-                               f"exceeds the budget of {budget_bytes(h)} bytes")
+                               f"exceeds the budget of {h.max_artifact_bytes} bytes")
     return model_bytes + code_bytes()
 
 # ======== Evaluation: plain, sliding window, score-first test-time training (chunked, LoRA, phased) ===================
@@ -1647,7 +1644,8 @@ def main():
     blob = Path(h.artifact_path).read_bytes()
     model = load_artifact_into(model, blob, h, rt.device)  # every score: the artifact's
     bytes_code = code_bytes()
-    log(f"bytes_model:{len(blob)} bytes_code:{bytes_code} bytes_total:{len(blob) + bytes_code} limit:{budget_bytes(h)}")
+    log(f"bytes_model:{len(blob)} bytes_code:{bytes_code} bytes_total:{len(blob) + bytes_code} "
+        f"limit:{h.max_artifact_bytes}")
     check_budget(len(blob), h)
     results = final_evaluations(h, evaluator, val_tokens, luts, rt, log, guard)
     eval_seconds = time.perf_counter() - eval_start
