@@ -196,13 +196,11 @@ class Hyperparameters:
         rules = [
             (rem or head_dim % 2 or self.num_heads % self.num_kv_heads,
              "MODEL_DIM must split into NUM_HEADS even-sized heads, NUM_HEADS into NUM_KV_HEADS groups"),
-            (self.rope_dims % 2 or not 0 <= self.rope_dims <= head_dim,
-             f"ROPE_DIMS must be even, 0..head dim {head_dim}"),
+            (self.rope_dims not in range(0, head_dim + 1, 2), f"ROPE_DIMS must be even, 0..head dim {head_dim}"),
             (self.eval_stride > self.eval_seq_len, "EVAL_STRIDE must not exceed EVAL_SEQ_LEN"),
             (not set(self.sdpa_backends.split(",")) <= set(SDPA_BACKENDS),
              f"SDPA_BACKENDS={self.sdpa_backends!r}: a comma list from {tuple(SDPA_BACKENDS)}"),
-            (not all(2 <= b <= 8 for b in (self.quant_attn_bits, self.quant_mlp_bits, self.quant_embed_bits,
-                                           self.quant_bigram_bits)),
+            (not all(2 <= getattr(self, f"quant_{part}_bits") <= 8 for part in ("attn", "mlp", "embed", "bigram")),
              "QUANT_{ATTN,MLP,EMBED,BIGRAM}_BITS must be in 2..8"),
             (self.bigram_buckets == 1 or self.bigram_buckets < 0, "BIGRAM_BUCKETS must be 0 (off) or at least 2"),
             (self.num_loops and not 0 <= self.loop_start <= self.loop_end < self.num_layers,
@@ -218,10 +216,9 @@ class Hyperparameters:
             if broken:
                 raise KnobError(message)
 
-REMOVED_KNOBS = dict.fromkeys(("BITPACK", "COMPRESSOR", "OVERTONE_INIT", "TTT_OPTIMIZER", "TTT_FREEZE_BLOCKS",
-    "QAT_LR_FACTOR", "GPTQ_BLOCK", "GPTQ_DAMP", "ADAM_EPS", "TTT_MOMENTUM", "TTT_GRAD_CLIP",
-    "TIED_EMBED_INIT_STD", "MUON_WD_TAPER_FROM", "MUON_WD_TAPER_TO"),
-    "it is a constant now, or measurement showed it useless (see the README)")
+REMOVED_KNOBS = dict.fromkeys(("BITPACK COMPRESSOR OVERTONE_INIT TTT_OPTIMIZER TTT_FREEZE_BLOCKS QAT_LR_FACTOR "
+    "GPTQ_BLOCK GPTQ_DAMP ADAM_EPS TTT_MOMENTUM TTT_GRAD_CLIP TIED_EMBED_INIT_STD MUON_WD_TAPER_FROM "
+    "MUON_WD_TAPER_TO").split(), "it is a constant now, or measurement showed it useless (see the README)")
 REMOVED_KNOBS["QUANT_CLIP"] = "SDClip is the only clip rule: it beat the per-row error search at equal bytes (README)"
 REMOVED_KNOBS["PRUNE_FRAC"] = "magnitude pruning moved val_bpb by < 0.0005 at equal bytes; cut for the line budget"
 REMOVED_KNOBS["GPTQ_CALIB_SEQS"] = "GPTQ_CALIB_TOKENS: a token count (the record: 16 x 48 x 2048 = 1572864)"
@@ -229,11 +226,10 @@ REMOVED_KNOBS["DRY_RUN"] = "the dry run is `python bench/dry_run.py [KNOB=VALUE 
 BOOL_WORDS = {"1": True, "true": True, "yes": True, "on": True, "0": False, "false": False, "no": False, "off": False}
 
 def _parse_knob(key: str, raw: str, default):
-    text = raw.strip()
     try:
         if isinstance(default, bool):
-            return BOOL_WORDS[text.lower()]
-        value = type(default)(text)  # int, float or str
+            return BOOL_WORDS[raw.strip().lower()]
+        value = type(default)(raw.strip())  # int, float or str
         if isinstance(value, float) and not math.isfinite(value):
             raise ValueError
         return value
@@ -299,8 +295,7 @@ SHARD_MAGIC, SHARD_VERSION, SHARD_HEADER_INTS = 20240520, 1, 256
 BOS_ID = 1
 
 def load_shard(path: str, start: int = 0, count: int = -1) -> np.ndarray:
-    header_bytes = SHARD_HEADER_INTS * 4
-    size = os.path.getsize(path)
+    header_bytes, size = SHARD_HEADER_INTS * 4, os.path.getsize(path)
     if size < header_bytes:
         raise ValueError(f"shard {path} is {size} bytes, shorter than its {header_bytes}-byte header")
     header = np.fromfile(path, dtype="<i4", count=SHARD_HEADER_INTS)
@@ -528,8 +523,7 @@ class CausalSelfAttention(nn.Module):
         self.c_q, self.c_k = CastedLinear(dim, dim, bits), CastedLinear(dim, kv_dim, bits)
         self.c_v, self.proj = CastedLinear(dim, kv_dim, bits), CastedLinear(dim, dim, bits, zero_init=True)
         self.q_gain = nn.Parameter(torch.full((self.heads,), h.qk_gain_init))
-        # sparse output gate, zero init: every head's gate starts at sigmoid(0) = 0.5
-        self.gate_w = nn.Parameter(torch.zeros(self.heads, GATE_DIMS)) if h.attn_gate else None
+        self.gate_w = nn.Parameter(torch.zeros(self.heads, GATE_DIMS)) if h.attn_gate else None  # gates start at 0.5
         self.gate_scale, self.rope_dims, self.xsa = h.attn_gate_scale, h.rope_dims or self.head_dim, xsa
         self.rope_base, self.rope_ntk, self.train_seq_len = h.rope_base, h.rope_ntk, h.train_seq_len
 
@@ -696,8 +690,7 @@ class GPT(nn.Module):
         return self.h.logit_softcap * torch.tanh(z.float() / self.h.logit_softcap) * self.inv_temperature
 
     def forward(self, ids, targets, reduction: str = "mean"):
-        z = self.logits(ids)
-        nll = F.cross_entropy(z.reshape(-1, z.size(-1)), targets.reshape(-1), reduction="none")
+        nll = F.cross_entropy(self.logits(ids).flatten(0, 1), targets.reshape(-1), reduction="none")
         return nll.mean() if reduction == "mean" else nll.view_as(targets)
 
 def parameter_report(model: GPT) -> str:
@@ -718,11 +711,9 @@ NS_COEFFS = {
               (2.3465413258596377, -1.7097828382687081, 0.42323551169305323)),
 }
 
-def newton_schulz_orthogonalize(g: torch.Tensor, steps: int, coeffs=NS_COEFFS["classic"],
-                                dtype=torch.float32) -> torch.Tensor:
-    x = g.to(dtype)
+def newton_schulz_orthogonalize(g, steps: int, coeffs=NS_COEFFS["classic"], dtype=torch.float32) -> torch.Tensor:
+    x, tall = g.to(dtype), g.size(0) > g.size(1)
     x = x / (x.norm() + 1e-7)
-    tall = x.size(0) > x.size(1)
     x = x.T if tall else x
     for i in range(steps):
         a, b, c = coeffs[min(i, len(coeffs) - 1)]
@@ -1488,9 +1479,8 @@ def train_model(h: Hyperparameters, model: GPT, rt: Runtime, log, val_tokens, lu
         for opt in optimizers:
             for g in opt.param_groups:
                 g["lr"] = g["base_lr"] * lr_mul
-        muon_group = optimizers[1].param_groups[0]
         warm = min(step / h.muon_momentum_warmup_steps, 1.0) if h.muon_momentum_warmup_steps else 1.0
-        muon_group["momentum"] = (1 - warm) * h.muon_momentum_warmup_start + warm * h.muon_momentum
+        optimizers[1].param_groups[0]["momentum"] = (1 - warm) * h.muon_momentum_warmup_start + warm * h.muon_momentum
         loss = train_step(loader)
         step += 1
         averager.update(step, lr_mul)
