@@ -216,15 +216,6 @@ class Hyperparameters:
             if broken:
                 raise KnobError(message)
 
-REMOVED_KNOBS = dict.fromkeys(("BITPACK COMPRESSOR OVERTONE_INIT TTT_OPTIMIZER TTT_FREEZE_BLOCKS QAT_LR_FACTOR "
-    "GPTQ_BLOCK GPTQ_DAMP ADAM_EPS TTT_MOMENTUM TTT_GRAD_CLIP TIED_EMBED_INIT_STD MUON_WD_TAPER_FROM "
-    "MUON_WD_TAPER_TO").split(), "it is a constant now, or measurement showed it useless (see the README)")
-REMOVED_KNOBS["QUANT_CLIP"] = "SDClip is the only clip rule: it beat the per-row error search at equal bytes (README)"
-REMOVED_KNOBS["PRUNE_FRAC"] = "magnitude pruning moved val_bpb by < 0.0005 at equal bytes; cut for the line budget"
-REMOVED_KNOBS["GPTQ_CALIB_SEQS"] = "GPTQ_CALIB_TOKENS: a token count (the record: 16 x 48 x 2048 = 1572864)"
-REMOVED_KNOBS["DRY_RUN"] = "the dry run is `python bench/dry_run.py [KNOB=VALUE ...]`"
-BOOL_WORDS = {"1": True, "true": True, "yes": True, "on": True, "0": False, "false": False, "no": False, "off": False}
-
 def _parse_knob(key: str, raw: str, default):
     try:
         if isinstance(default, bool):
@@ -236,6 +227,14 @@ def _parse_knob(key: str, raw: str, default):
     except (ValueError, KeyError):
         raise KnobError(f"knob {key}={raw!r} is malformed: expected {type(default).__name__}") from None
 
+REMOVED_KNOBS = dict.fromkeys(("BITPACK COMPRESSOR OVERTONE_INIT TTT_OPTIMIZER TTT_FREEZE_BLOCKS QAT_LR_FACTOR "
+    "GPTQ_BLOCK GPTQ_DAMP ADAM_EPS TTT_MOMENTUM TTT_GRAD_CLIP TIED_EMBED_INIT_STD MUON_WD_TAPER_FROM "
+    "MUON_WD_TAPER_TO").split(), "it is a constant now, or measurement showed it useless (see the README)")
+REMOVED_KNOBS["QUANT_CLIP"] = "SDClip is the only clip rule: it beat the per-row error search at equal bytes (README)"
+REMOVED_KNOBS["PRUNE_FRAC"] = "magnitude pruning moved val_bpb by < 0.0005 at equal bytes; cut for the line budget"
+REMOVED_KNOBS["GPTQ_CALIB_SEQS"] = "GPTQ_CALIB_TOKENS: a token count (the record: 16 x 48 x 2048 = 1572864)"
+REMOVED_KNOBS["DRY_RUN"] = "the dry run is `python bench/dry_run.py [KNOB=VALUE ...]`"
+BOOL_WORDS = {"1": True, "true": True, "yes": True, "on": True, "0": False, "false": False, "no": False, "off": False}
 CHALLENGE_MAX_BYTES = 16_000_000
 GATE_DIMS = 12
 SDPA_BACKENDS = {"flash": "flash_sdp", "efficient": "mem_efficient_sdp", "math": "math_sdp", "cudnn": "cudnn_sdp"}
@@ -804,6 +803,14 @@ class WeightAverager:
         return f"averaging:{self.mode} {detail} applied:yes"
 
 # ======== Quantization and export =====================================================================================
+TEMPERATURES = (0.85, 0.9, 0.95, 1.0, 1.05, 1.1, 1.15)  # the logit temperatures FIT_TEMPERATURE tries
+LQER_GROUP = 64  # LQER's int4 B factor: one scale per this many codes (at most)
+ARTIFACT_MAGIC = "parameter-golf-artifact-4"
+CODE_ZSTD = zstandard.ZstdCompressionParameters.from_level(  # Huffman-coded literals only (no matches): README
+    3, strategy=zstandard.STRATEGY_FAST, min_match=7, search_log=1, hash_log=10, chain_log=10, write_checksum=1)
+FIT_TOLERANCE = 0.003  # AUTO_FIT lands the artifact within this fraction under the budget
+FIT_MULT_RANGE = (0.25, 8.0)  # the step multipliers AUTO_FIT may use
+
 def tensor_family(name: str) -> str:
     """attn / mlp / embed / bigram for the matrices quantized per row; small for gates, gains and scalars."""
     if name in ("tok_emb.weight", "bigram.table.weight"):
@@ -915,8 +922,6 @@ def collect_hessians(model: GPT, batches, names: set[str], rt: Runtime) -> dict[
         sums[key] /= n
     return sums
 
-TEMPERATURES = (0.85, 0.9, 0.95, 1.0, 1.05, 1.1, 1.15)
-
 @torch.no_grad()
 def fit_temperature(model: GPT, batches, rt: Runtime) -> float:
     """The logit temperature of least NLL on the calibration (training) batches, left applied to the model."""
@@ -957,8 +962,6 @@ def quantize_state(model: GPT, h: Hyperparameters, hessians: dict | None = None,
         add_lqer(out, model.state_dict(), h)
     return out
 
-LQER_GROUP = 64
-
 def add_lqer(qstate: dict, state: dict, h: Hyperparameters):
     """LQER: rank-LQER_RANK SVD E ~ A B of W - W_q of the LQER_TENSORS worst matrices; A = US int2, B = V^T int4."""
     errors = {name: state[name].detach().float().cpu() - dequantize_entry(e) for name, e in qstate.items()
@@ -983,10 +986,6 @@ def dequantize_state(qstate: dict) -> dict:
             a, b = (dequantize_entry(qstate[name + suffix]) for suffix in (".lqer_a", ".lqer_b"))
             out[name] = out[name] + a @ b
     return out
-
-ARTIFACT_MAGIC = "parameter-golf-artifact-4"
-CODE_ZSTD = zstandard.ZstdCompressionParameters.from_level(  # Huffman-coded literals only (no matches): README
-    3, strategy=zstandard.STRATEGY_FAST, min_match=7, search_log=1, hash_log=10, chain_log=10, write_checksum=1)
 
 def tensor_role(name: str) -> str:
     """The group a code tensor is compressed in: its family, attention split q/o and k/v, MLP split up and down."""
@@ -1027,9 +1026,6 @@ def deserialize_artifact(data: bytes) -> tuple[dict, dict]:
         return head["config"], {**qstate, **{name: {"data": t} for name, t in head["fp16"].items()}}
     except Exception as exc:
         raise ValueError(f"corrupt artifact: {exc}") from exc
-
-FIT_TOLERANCE = 0.003  # AUTO_FIT lands the artifact within this fraction under the budget
-FIT_MULT_RANGE = (0.25, 8.0)  # the step multipliers AUTO_FIT may use
 
 def quantize_within_budget(model: GPT, h: Hyperparameters, hessians, config: dict, log=print) -> bytes:
     """Quantize and compress. AUTO_FIT: one multiplier e^x of every step (bytes fall as x grows), bisected on estimates
