@@ -1126,8 +1126,7 @@ def sliding_windows(n_targets: int, seq_len: int, stride: int) -> list[tuple[int
 def score_windows(model, tokens, windows, seq_len, batch_seqs, luts, rt: Runtime, scores: Scores):
     """Windows in batches of exactly batch_seqs rows (one compiled shape); missing rows score nothing."""
     device = luts[0].device
-    tokens = tokens.to(device)
-    offsets = torch.arange(seq_len + 1, device=device)
+    tokens, offsets = tokens.to(device), torch.arange(seq_len + 1, device=device)
     for b in range(0, len(windows), batch_seqs):
         w = torch.tensor(windows[b:b + batch_seqs], dtype=torch.int64, device=device).view(-1, 3)
         w = torch.cat((w, w.new_zeros(batch_seqs - w.size(0), 3)))  # (0, 0, 0): an empty score range
@@ -1166,8 +1165,7 @@ def sgd_train(model, tokens, targets: torch.Tensor, params, opt, h: Hyperparamet
             t = step_targets[rt.rank::rt.world]  # rows r, r+world, ...: a short chunk still spreads over the ranks
             t = F.pad(t, (0, 0, 0, per_rank - t.size(0)), value=-1).to(tokens.device)
             valid = t >= 0
-            x = torch.where(valid, tokens[t.clamp_min(0)], 0)
-            y = torch.where(valid, tokens[(t + 1).clamp_min(0)], 0)
+            x, y = (torch.where(valid, tokens[(t + k).clamp_min(0)], 0) for k in (0, 1))
             with rt.autocast():
                 nll = model(x, y, reduction="none")
             (torch.where(valid, nll.float(), 0.0).sum() / n_tokens).backward()
@@ -1205,9 +1203,8 @@ def eval_ttt(model: GPT, tokens, h: Hyperparameters, luts, rt: Runtime):
 
 def documents(tokens: torch.Tensor) -> list[tuple[int, int]]:
     """(first, end) target of each document, from its BOS to the next BOS (its last target); they tile the stream."""
-    n = tokens.numel() - 1
     starts = sorted({0, *(tokens[:-1] == BOS_ID).nonzero().flatten().tolist()})
-    return list(zip(starts, starts[1:] + [n]))
+    return list(zip(starts, starts[1:] + [tokens.numel() - 1]))
 
 LORA_ALPHA = 144.0  # adapters output (x A^T) B^T * LORA_ALPHA / rank
 FLEX_MIN_LEN = 256  # shortest LoRA window with the document mask (compiled block masks reported failing at <= 128)
@@ -1358,15 +1355,13 @@ def setup_runtime(h: Hyperparameters) -> Runtime:
     device = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
     if use_cuda:
         torch.cuda.set_device(device)
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     for name, switch in SDPA_BACKENDS.items():  # the kernels SDPA may choose, fixed before any graph is traced
         getattr(torch.backends.cuda, "enable_" + switch)(name in h.sdpa_backends.split(","))
     compiled = h.compile == "1" or (h.compile == "auto" and use_cuda)
     if compiled:  # train, eval and TTT graphs share the model's code object; never fall back to eager
         torch._dynamo.config.recompile_limit = 64
-    if world > 1:
-        # generous timeout: ranks wait at a barrier while rank 0 runs the quantization search and zstd-22
+    if world > 1:  # generous timeout: ranks wait at a barrier while rank 0 runs the quantization search and zstd-22
         dist.init_process_group("nccl" if use_cuda else "gloo", timeout=datetime.timedelta(minutes=30))
     amp = h.autocast == "bf16" or (h.autocast == "auto" and use_cuda)
     return Runtime(device, rank, world, torch.bfloat16 if amp else None, compiled, h.compile_backend)
