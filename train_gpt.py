@@ -264,9 +264,8 @@ PRESETS: dict[str, dict[str, object]] = {
         GPTQ_RESERVE_SECONDS=8, LQER_RANK=4, TTT_MODE="phased", TTT_LR=0.001, TTT_EPOCHS=1, TTT_LORA_WARM_A=1),
     "sp8192": dict(DATA_PATH="./data/datasets/fineweb10B_sp8192",
                    TOKENIZER_PATH="./data/tokenizers/fineweb_8192_bpe.model"),
-    "short": dict(
-        MATRIX_LR=0.04, SCALAR_LR=0.04, EMBED_LR=0.05, MUON_MOMENTUM=0.95, MUON_MOMENTUM_WARMUP_START=0.85,
-        MUON_MOMENTUM_WARMUP_STEPS=100, EMA_DECAY=0.99),
+    "short": dict(MATRIX_LR=0.04, SCALAR_LR=0.04, EMBED_LR=0.05, MUON_MOMENTUM=0.95, MUON_MOMENTUM_WARMUP_START=0.85,
+                  MUON_MOMENTUM_WARMUP_STEPS=100, EMA_DECAY=0.99),
 }
 
 # Knobs that define the network (the "model" block of Hyperparameters); the artifact stores them.
@@ -330,7 +329,6 @@ class DistributedTokenLoader:
         self.pending = self.pool.submit(self._make) if prefetch else None
 
     def take(self, n: int) -> np.ndarray:
-        """The next n tokens of the stream."""
         parts = []
         while n > 0:
             if self.pos >= len(self.tokens):
@@ -399,11 +397,9 @@ def load_validation_tokens(pattern: str, seq_len: int, vocab_size: int, max_toke
     return torch.from_numpy(tokens[:usable + 1].astype(np.int64))
 
 def load_byte_sidecar(pattern: str, n_tokens: int) -> torch.Tensor | None:
-    """CaseOps byte sidecars, fineweb_val_bytes_X.bin beside each fineweb_val_X.bin (the shard format, one uint16 per
-    token: the original UTF-8 bytes it stands for), cut to the first n_tokens; None when there are none."""
+    """CaseOps byte sidecars: fineweb_val_bytes_X.bin beside each fineweb_val_X.bin, a uint16 shard of UTF-8 counts."""
     shards = list_shards(pattern)
-    sidecars = [os.path.join(os.path.dirname(f), os.path.basename(f).replace("_val_", "_val_bytes_", 1))
-                for f in shards]
+    sidecars = [str(Path(f).with_name(Path(f).name.replace("_val_", "_val_bytes_", 1))) for f in shards]
     if not any(map(os.path.isfile, sidecars)):
         return None
     counts = []
@@ -560,8 +556,7 @@ class MLP(nn.Module):
 class Block(nn.Module):
     def __init__(self, h: Hyperparameters, idx: int):
         super().__init__()
-        dim = h.model_dim
-        self.attn, self.mlp = CausalSelfAttention(h, xsa=idx >= h.num_layers - h.xsa_last_n), MLP(h)
+        dim, self.attn, self.mlp = h.model_dim, CausalSelfAttention(h, xsa=idx >= h.num_layers - h.xsa_last_n), MLP(h)
         self.attn_scale, self.mlp_scale = nn.Parameter(torch.ones(dim)), nn.Parameter(torch.ones(dim))
         self.resid_mix = nn.Parameter(torch.stack((torch.ones(dim), torch.zeros(dim))))
         self.norm_scale = 1.0 / math.sqrt(idx + 1) if h.ln_scale else 1.0
@@ -878,8 +873,7 @@ def gptq_quantize(w: torch.Tensor, hessian: torch.Tensor, bits: int, block: int 
     perm, U, dead = gptq_factor(hessian, damp) if factor is None else factor
     w = w.float().clone()
     w[:, dead] = 0.0
-    scale = row_scales(w, bits, clip_k, mult)
-    w, cols = w[:, perm], w.size(1)
+    scale, w, cols = row_scales(w, bits, clip_k, mult), w[:, perm], w.size(1)
     q = torch.zeros_like(w)
     for i1 in range(0, cols, block):
         i2 = min(i1 + block, cols)
@@ -1210,8 +1204,7 @@ LORA_ALPHA = 144.0  # adapters output (x A^T) B^T * LORA_ALPHA / rank
 FLEX_MIN_LEN = 256  # shortest LoRA window with the document mask (compiled block masks reported failing at <= 128)
 
 def make_adapters(net: GPT, h: Hyperparameters, device) -> list[torch.Tensor]:
-    """(A, B) per adapter, TTT_LORA_DOCS documents deep: q, k, v, o, mlp for each virtual layer (a looped layer
-    gets a set per pass), then the head. Made once; reset in place (same tensors: no recompiles)."""
+    """(A, B), TTT_LORA_DOCS deep: q, k, v, o, mlp per virtual layer, then the head; reset in place (no recompiles)."""
     dim, docs, rank = h.model_dim, h.ttt_lora_docs, h.ttt_lora_rank
     kv_dim = h.num_kv_heads * (dim // h.num_heads)
     outs = [dim, kv_dim, kv_dim, dim, dim] * len(net.order) + [h.vocab_size]
@@ -1393,8 +1386,7 @@ class CompileGuard:
 
 def train_model(h: Hyperparameters, model: GPT, rt: Runtime, log, val_tokens, luts, guard: CompileGuard):
     """Train to the wall clock (less the GPTQ reserve) or ITERATIONS, then average -> (seconds, live bpb, compiled)."""
-    device, world, grad_accum = rt.device, rt.world, 8 // rt.world
-    compiled = rt.compile(model)
+    device, world, grad_accum, compiled = rt.device, rt.world, 8 // rt.world, rt.compile(model)
     ddp = DDP(compiled, device_ids=[device.index] if device.type == "cuda" else None,
               broadcast_buffers=False) if world > 1 else compiled
     optimizers = build_optimizers(model, h, rt)
@@ -1419,7 +1411,6 @@ def train_model(h: Hyperparameters, model: GPT, rt: Runtime, log, val_tokens, lu
         if world > 1:  # log the loss of the whole global batch, not only this rank's share
             dist.all_reduce(total)
         return total / (grad_accum * world)
-
     if h.warmup_steps > 0:  # compile priming (training and validation graphs, looped or not); undone below
         saved = copy.deepcopy(model.state_dict()), [copy.deepcopy(o.state_dict()) for o in optimizers]
         loader, n = make_loader(), max(h.warmup_steps, 2 if h.num_loops else 1)
@@ -1439,12 +1430,10 @@ def train_model(h: Hyperparameters, model: GPT, rt: Runtime, log, val_tokens, lu
             opt.load_state_dict(state)
         log(f"warmup: {n} priming steps run and undone, evaluation graphs primed on synthetic tokens; "
             f"graphs compiled:{guard.mark('train')[0]}")
-
     averager = WeightAverager(model, h)
     reserve = h.gptq_reserve_seconds if h.gptq or h.fit_temperature else 0.0
     budget = max(h.max_wallclock_seconds - reserve, 1e-9) if h.max_wallclock_seconds > 0 else 0.0
-    loader = make_loader()
-    step, train_time, train_time_now, qat_on, stop = 0, 0.0, 0.0, False, False
+    loader, step, train_time, train_time_now, qat_on, stop = make_loader(), 0, 0.0, 0.0, False, False
     if device.type == "cuda":
         torch.cuda.synchronize()
     t_resume = time.perf_counter()
