@@ -239,10 +239,9 @@ CHALLENGE_MAX_BYTES = 16_000_000
 GATE_DIMS = 12
 SDPA_BACKENDS = {"flash": "flash_sdp", "efficient": "mem_efficient_sdp", "math": "math_sdp", "cudnn": "cudnn_sdp"}
 
-# Named starting points. "seed" is the design card's stack (the defaults). "naive_baseline" is the challenge's
-# baseline script. "frontier" is the 2026-04-27 top record (val_bpb 1.0611), row by row (bench/PARITY.md), on its
-# CaseOps sp8192 data; "sp8192" points it at plain sp8192 shards. "short" is a modifier for runs of a few hundred
-# steps (1 GPU, CPU proxies): the baseline's faster optimizer settings and a short EMA window.
+# Named starting points: "seed", the design card's stack (the defaults); "naive_baseline", the challenge's baseline;
+# "frontier", the 2026-04-27 top record (val_bpb 1.0611) row by row (bench/PARITY.md) on its CaseOps sp8192 data, and
+# "sp8192" on plain sp8192 shards; "short", for runs of a few hundred steps: faster optimizer settings, a short EMA.
 PRESETS: dict[str, dict[str, object]] = {
     "seed": {},
     "naive_baseline": dict(
@@ -745,8 +744,7 @@ class Muon(torch.optim.Optimizer):
             if world > 1:
                 dist.all_reduce(flat)
             for p, slot in zip(params, slots):
-                if group["weight_decay"]:
-                    p.mul_(1.0 - group["lr"] * group["weight_decay"])
+                p.mul_(1.0 - group["lr"] * group["weight_decay"])  # x 1.0 (unchanged) without weight decay
                 p.add_(slot.view_as(p).to(p.dtype), alpha=-group["lr"])
 
 def build_optimizers(model: GPT, h: Hyperparameters, rt: Runtime):
