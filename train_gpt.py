@@ -455,8 +455,7 @@ class CastedLinear(nn.Linear):
 
     def forward(self, x):
         w = self.weight
-        if self.qat_bits:
-            w = w + self.qat_on * (fake_quantize_rows(w, self.qat_bits) - w).detach()
+        w = w + self.qat_on * (fake_quantize_rows(w, self.qat_bits) - w).detach() if self.qat_bits else w
         return F.linear(x, w.to(x.dtype))
 
 def rms_norm(x: torch.Tensor) -> torch.Tensor:
@@ -737,8 +736,7 @@ class Muon(torch.optim.Optimizer):
                     buf = self.state[p]["momentum_buffer"]
                     buf.mul_(group["momentum"]).add_(p.grad)
                     update = p.grad.add(buf, alpha=group["momentum"])  # Nesterov
-                    if self.eq_r:
-                        update = update / update.norm(dim=1, keepdim=True).clamp_min(1e-7)
+                    update = update / update.norm(dim=1, keepdim=True).clamp_min(1e-7) if self.eq_r else update
                     update = self._orth(update, self.ns_steps, self.coeffs, self.dtype)
                     slot.copy_((update * max(1.0, p.size(0) / p.size(1)) ** 0.5).flatten())
             if world > 1:
