@@ -105,7 +105,6 @@ class Hyperparameters:
     muon_ns_coeffs: str = "classic"  # classic: one (a, b, c); polar: Polar Express, one tuple per iteration
     muon_eq_r: bool = False  # MuonEq-R: normalize each row of the update before Newton-Schulz
     muon_wd: float = 0.04
-    muon_wd_taper_from: float = 1.0  # from this training fraction on, the Muon WD falls linearly to half
     adam_wd: float = 0.04  # scalars and gains
     embed_wd: float = 0.04  # embedding tables
     beta1: float = 0.9
@@ -197,13 +196,11 @@ class Hyperparameters:
         rules = [
             (rem or head_dim % 2 or self.num_heads % self.num_kv_heads,
              "MODEL_DIM must split into NUM_HEADS even-sized heads, NUM_HEADS into NUM_KV_HEADS groups"),
-            (self.rope_dims % 2 or not 0 <= self.rope_dims <= head_dim,
-             f"ROPE_DIMS must be even, 0..head dim {head_dim}"),
+            (self.rope_dims not in range(0, head_dim + 1, 2), f"ROPE_DIMS must be even, 0..head dim {head_dim}"),
             (self.eval_stride > self.eval_seq_len, "EVAL_STRIDE must not exceed EVAL_SEQ_LEN"),
             (not set(self.sdpa_backends.split(",")) <= set(SDPA_BACKENDS),
              f"SDPA_BACKENDS={self.sdpa_backends!r}: a comma list from {tuple(SDPA_BACKENDS)}"),
-            (not all(2 <= b <= 8 for b in (self.quant_attn_bits, self.quant_mlp_bits, self.quant_embed_bits,
-                                           self.quant_bigram_bits)),
+            (not all(2 <= getattr(self, f"quant_{part}_bits") <= 8 for part in ("attn", "mlp", "embed", "bigram")),
              "QUANT_{ATTN,MLP,EMBED,BIGRAM}_BITS must be in 2..8"),
             (self.bigram_buckets == 1 or self.bigram_buckets < 0, "BIGRAM_BUCKETS must be 0 (off) or at least 2"),
             (self.num_loops and not 0 <= self.loop_start <= self.loop_end < self.num_layers,
@@ -219,35 +216,32 @@ class Hyperparameters:
             if broken:
                 raise KnobError(message)
 
-REMOVED_KNOBS = dict.fromkeys(("BITPACK", "COMPRESSOR", "OVERTONE_INIT", "TTT_OPTIMIZER", "TTT_FREEZE_BLOCKS",
-    "QAT_LR_FACTOR", "GPTQ_BLOCK", "GPTQ_DAMP", "ADAM_EPS", "TTT_MOMENTUM", "TTT_GRAD_CLIP", "TIED_EMBED_INIT_STD",
-    "MUON_WD_TAPER_TO"), "it is a constant now, or measurement showed it useless (see the README)")
-REMOVED_KNOBS["QUANT_CLIP"] = "SDClip is the only clip rule: it beat the per-row error search at equal bytes (README)"
-REMOVED_KNOBS["PRUNE_FRAC"] = "magnitude pruning moved val_bpb by < 0.0005 at equal bytes; cut for the line budget"
-REMOVED_KNOBS["GPTQ_CALIB_SEQS"] = "GPTQ_CALIB_TOKENS: a token count (the record: 16 x 48 x 2048 = 1572864)"
-REMOVED_KNOBS["DRY_RUN"] = "the dry run is `python bench/dry_run.py [KNOB=VALUE ...]`"
-BOOL_WORDS = {"1": True, "true": True, "yes": True, "on": True, "0": False, "false": False, "no": False, "off": False}
-
 def _parse_knob(key: str, raw: str, default):
-    text = raw.strip()
     try:
         if isinstance(default, bool):
-            return BOOL_WORDS[text.lower()]
-        value = type(default)(text)  # int, float or str
+            return BOOL_WORDS[raw.strip().lower()]
+        value = type(default)(raw.strip())  # int, float or str
         if isinstance(value, float) and not math.isfinite(value):
             raise ValueError
         return value
     except (ValueError, KeyError):
         raise KnobError(f"knob {key}={raw!r} is malformed: expected {type(default).__name__}") from None
 
+REMOVED_KNOBS = dict.fromkeys(("BITPACK COMPRESSOR OVERTONE_INIT TTT_OPTIMIZER TTT_FREEZE_BLOCKS QAT_LR_FACTOR "
+    "GPTQ_BLOCK GPTQ_DAMP ADAM_EPS TTT_MOMENTUM TTT_GRAD_CLIP TIED_EMBED_INIT_STD MUON_WD_TAPER_FROM "
+    "MUON_WD_TAPER_TO").split(), "it is a constant now, or measurement showed it useless (see the README)")
+REMOVED_KNOBS["QUANT_CLIP"] = "SDClip is the only clip rule: it beat the per-row error search at equal bytes (README)"
+REMOVED_KNOBS["PRUNE_FRAC"] = "magnitude pruning moved val_bpb by < 0.0005 at equal bytes; cut for the line budget"
+REMOVED_KNOBS["GPTQ_CALIB_SEQS"] = "GPTQ_CALIB_TOKENS: a token count (the record: 16 x 48 x 2048 = 1572864)"
+REMOVED_KNOBS["DRY_RUN"] = "the dry run is `python bench/dry_run.py [KNOB=VALUE ...]`"
+BOOL_WORDS = {"1": True, "true": True, "yes": True, "on": True, "0": False, "false": False, "no": False, "off": False}
 CHALLENGE_MAX_BYTES = 16_000_000
 GATE_DIMS = 12
 SDPA_BACKENDS = {"flash": "flash_sdp", "efficient": "mem_efficient_sdp", "math": "math_sdp", "cudnn": "cudnn_sdp"}
 
-# Named starting points. "seed" is the design card's stack (the defaults). "naive_baseline" is the challenge's
-# baseline script. "frontier" is the 2026-04-27 top record (val_bpb 1.0611), row by row (bench/PARITY.md), on its
-# CaseOps sp8192 data; "sp8192" points it at plain sp8192 shards. "short" is a modifier for runs of a few hundred
-# steps (1 GPU, CPU proxies): the baseline's faster optimizer settings and a short EMA window.
+# Named starting points: "seed", the design card's stack (the defaults); "naive_baseline", the challenge's baseline;
+# "frontier", the 2026-04-27 top record (val_bpb 1.0611) row by row (bench/PARITY.md) on its CaseOps sp8192 data, and
+# "sp8192" on plain sp8192 shards; "short", for runs of a few hundred steps: faster optimizer settings, a short EMA.
 PRESETS: dict[str, dict[str, object]] = {
     "seed": {},
     "naive_baseline": dict(
@@ -269,9 +263,8 @@ PRESETS: dict[str, dict[str, object]] = {
         GPTQ_RESERVE_SECONDS=8, LQER_RANK=4, TTT_MODE="phased", TTT_LR=0.001, TTT_EPOCHS=1, TTT_LORA_WARM_A=1),
     "sp8192": dict(DATA_PATH="./data/datasets/fineweb10B_sp8192",
                    TOKENIZER_PATH="./data/tokenizers/fineweb_8192_bpe.model"),
-    "short": dict(
-        MATRIX_LR=0.04, SCALAR_LR=0.04, EMBED_LR=0.05, MUON_MOMENTUM=0.95, MUON_MOMENTUM_WARMUP_START=0.85,
-        MUON_MOMENTUM_WARMUP_STEPS=100, EMA_DECAY=0.99),
+    "short": dict(MATRIX_LR=0.04, SCALAR_LR=0.04, EMBED_LR=0.05, MUON_MOMENTUM=0.95, MUON_MOMENTUM_WARMUP_START=0.85,
+                  MUON_MOMENTUM_WARMUP_STEPS=100, EMA_DECAY=0.99),
 }
 
 # Knobs that define the network (the "model" block of Hyperparameters); the artifact stores them.
@@ -299,8 +292,7 @@ SHARD_MAGIC, SHARD_VERSION, SHARD_HEADER_INTS = 20240520, 1, 256
 BOS_ID = 1
 
 def load_shard(path: str, start: int = 0, count: int = -1) -> np.ndarray:
-    header_bytes = SHARD_HEADER_INTS * 4
-    size = os.path.getsize(path)
+    header_bytes, size = SHARD_HEADER_INTS * 4, os.path.getsize(path)
     if size < header_bytes:
         raise ValueError(f"shard {path} is {size} bytes, shorter than its {header_bytes}-byte header")
     header = np.fromfile(path, dtype="<i4", count=SHARD_HEADER_INTS)
@@ -336,7 +328,6 @@ class DistributedTokenLoader:
         self.pending = self.pool.submit(self._make) if prefetch else None
 
     def take(self, n: int) -> np.ndarray:
-        """The next n tokens of the stream."""
         parts = []
         while n > 0:
             if self.pos >= len(self.tokens):
@@ -405,11 +396,9 @@ def load_validation_tokens(pattern: str, seq_len: int, vocab_size: int, max_toke
     return torch.from_numpy(tokens[:usable + 1].astype(np.int64))
 
 def load_byte_sidecar(pattern: str, n_tokens: int) -> torch.Tensor | None:
-    """CaseOps byte sidecars, fineweb_val_bytes_X.bin beside each fineweb_val_X.bin (the shard format, one uint16 per
-    token: the original UTF-8 bytes it stands for), cut to the first n_tokens; None when there are none."""
+    """CaseOps byte sidecars: fineweb_val_bytes_X.bin beside each fineweb_val_X.bin, a uint16 shard of UTF-8 counts."""
     shards = list_shards(pattern)
-    sidecars = [os.path.join(os.path.dirname(f), os.path.basename(f).replace("_val_", "_val_bytes_", 1))
-                for f in shards]
+    sidecars = [str(Path(f).with_name(Path(f).name.replace("_val_", "_val_bytes_", 1))) for f in shards]
     if not any(map(os.path.isfile, sidecars)):
         return None
     counts = []
@@ -466,8 +455,7 @@ class CastedLinear(nn.Linear):
 
     def forward(self, x):
         w = self.weight
-        if self.qat_bits:
-            w = w + self.qat_on * (fake_quantize_rows(w, self.qat_bits) - w).detach()
+        w = w + self.qat_on * (fake_quantize_rows(w, self.qat_bits) - w).detach() if self.qat_bits else w
         return F.linear(x, w.to(x.dtype))
 
 def rms_norm(x: torch.Tensor) -> torch.Tensor:
@@ -528,8 +516,7 @@ class CausalSelfAttention(nn.Module):
         self.c_q, self.c_k = CastedLinear(dim, dim, bits), CastedLinear(dim, kv_dim, bits)
         self.c_v, self.proj = CastedLinear(dim, kv_dim, bits), CastedLinear(dim, dim, bits, zero_init=True)
         self.q_gain = nn.Parameter(torch.full((self.heads,), h.qk_gain_init))
-        # sparse output gate, zero init: every head's gate starts at sigmoid(0) = 0.5
-        self.gate_w = nn.Parameter(torch.zeros(self.heads, GATE_DIMS)) if h.attn_gate else None
+        self.gate_w = nn.Parameter(torch.zeros(self.heads, GATE_DIMS)) if h.attn_gate else None  # gates start at 0.5
         self.gate_scale, self.rope_dims, self.xsa = h.attn_gate_scale, h.rope_dims or self.head_dim, xsa
         self.rope_base, self.rope_ntk, self.train_seq_len = h.rope_base, h.rope_ntk, h.train_seq_len
 
@@ -567,8 +554,7 @@ class MLP(nn.Module):
 class Block(nn.Module):
     def __init__(self, h: Hyperparameters, idx: int):
         super().__init__()
-        dim = h.model_dim
-        self.attn, self.mlp = CausalSelfAttention(h, xsa=idx >= h.num_layers - h.xsa_last_n), MLP(h)
+        dim, self.attn, self.mlp = h.model_dim, CausalSelfAttention(h, xsa=idx >= h.num_layers - h.xsa_last_n), MLP(h)
         self.attn_scale, self.mlp_scale = nn.Parameter(torch.ones(dim)), nn.Parameter(torch.ones(dim))
         self.resid_mix = nn.Parameter(torch.stack((torch.ones(dim), torch.zeros(dim))))
         self.norm_scale = 1.0 / math.sqrt(idx + 1) if h.ln_scale else 1.0
@@ -696,8 +682,7 @@ class GPT(nn.Module):
         return self.h.logit_softcap * torch.tanh(z.float() / self.h.logit_softcap) * self.inv_temperature
 
     def forward(self, ids, targets, reduction: str = "mean"):
-        z = self.logits(ids)
-        nll = F.cross_entropy(z.reshape(-1, z.size(-1)), targets.reshape(-1), reduction="none")
+        nll = F.cross_entropy(self.logits(ids).flatten(0, 1), targets.reshape(-1), reduction="none")
         return nll.mean() if reduction == "mean" else nll.view_as(targets)
 
 def parameter_report(model: GPT) -> str:
@@ -718,11 +703,9 @@ NS_COEFFS = {
               (2.3465413258596377, -1.7097828382687081, 0.42323551169305323)),
 }
 
-def newton_schulz_orthogonalize(g: torch.Tensor, steps: int, coeffs=NS_COEFFS["classic"],
-                                dtype=torch.float32) -> torch.Tensor:
-    x = g.to(dtype)
+def newton_schulz_orthogonalize(g, steps: int, coeffs=NS_COEFFS["classic"], dtype=torch.float32) -> torch.Tensor:
+    x, tall = g.to(dtype), g.size(0) > g.size(1)
     x = x / (x.norm() + 1e-7)
-    tall = x.size(0) > x.size(1)
     x = x.T if tall else x
     for i in range(steps):
         a, b, c = coeffs[min(i, len(coeffs) - 1)]
@@ -753,15 +736,13 @@ class Muon(torch.optim.Optimizer):
                     buf = self.state[p]["momentum_buffer"]
                     buf.mul_(group["momentum"]).add_(p.grad)
                     update = p.grad.add(buf, alpha=group["momentum"])  # Nesterov
-                    if self.eq_r:
-                        update = update / update.norm(dim=1, keepdim=True).clamp_min(1e-7)
+                    update = update / update.norm(dim=1, keepdim=True).clamp_min(1e-7) if self.eq_r else update
                     update = self._orth(update, self.ns_steps, self.coeffs, self.dtype)
                     slot.copy_((update * max(1.0, p.size(0) / p.size(1)) ** 0.5).flatten())
             if world > 1:
                 dist.all_reduce(flat)
             for p, slot in zip(params, slots):
-                if group["weight_decay"]:
-                    p.mul_(1.0 - group["lr"] * group["weight_decay"])
+                p.mul_(1.0 - group["lr"] * group["weight_decay"])  # x 1.0 (unchanged) without weight decay
                 p.add_(slot.view_as(p).to(p.dtype), alpha=-group["lr"])
 
 def build_optimizers(model: GPT, h: Hyperparameters, rt: Runtime):
@@ -785,11 +766,6 @@ def lr_multiplier(frac: float, h: Hyperparameters) -> float:
     if h.warmdown_frac <= 0 or frac < 1.0 - h.warmdown_frac:
         return 1.0
     return max((1.0 - frac) / h.warmdown_frac, h.min_lr_frac)
-
-def muon_wd_multiplier(frac: float, h: Hyperparameters) -> float:
-    """1 until MUON_WD_TAPER_FROM, then linear down to 0.5 at the end of the budget."""
-    start = h.muon_wd_taper_from
-    return 1.0 if frac < start or start >= 1.0 else 1.0 - 0.5 * min((frac - start) / (1.0 - start), 1.0)
 
 # ======== Averaging (EMA / SWA) =======================================================================================
 class WeightAverager:
@@ -818,6 +794,14 @@ class WeightAverager:
         return f"averaging:{self.mode} {detail} applied:yes"
 
 # ======== Quantization and export =====================================================================================
+TEMPERATURES = (0.85, 0.9, 0.95, 1.0, 1.05, 1.1, 1.15)  # the logit temperatures FIT_TEMPERATURE tries
+LQER_GROUP = 64  # LQER's int4 B factor: one scale per this many codes (at most)
+ARTIFACT_MAGIC = "parameter-golf-artifact-4"
+CODE_ZSTD = zstandard.ZstdCompressionParameters.from_level(  # Huffman-coded literals only (no matches): README
+    3, strategy=zstandard.STRATEGY_FAST, min_match=7, search_log=1, hash_log=10, chain_log=10, write_checksum=1)
+FIT_TOLERANCE = 0.003  # AUTO_FIT lands the artifact within this fraction under the budget
+FIT_MULT_RANGE = (0.25, 8.0)  # the step multipliers AUTO_FIT may use
+
 def tensor_family(name: str) -> str:
     """attn / mlp / embed / bigram for the matrices quantized per row; small for gates, gains and scalars."""
     if name in ("tok_emb.weight", "bigram.table.weight"):
@@ -885,8 +869,7 @@ def gptq_quantize(w: torch.Tensor, hessian: torch.Tensor, bits: int, block: int 
     perm, U, dead = gptq_factor(hessian, damp) if factor is None else factor
     w = w.float().clone()
     w[:, dead] = 0.0
-    scale = row_scales(w, bits, clip_k, mult)
-    w, cols = w[:, perm], w.size(1)
+    scale, w, cols = row_scales(w, bits, clip_k, mult), w[:, perm], w.size(1)
     q = torch.zeros_like(w)
     for i1 in range(0, cols, block):
         i2 = min(i1 + block, cols)
@@ -929,8 +912,6 @@ def collect_hessians(model: GPT, batches, names: set[str], rt: Runtime) -> dict[
         sums[key] /= n
     return sums
 
-TEMPERATURES = (0.85, 0.9, 0.95, 1.0, 1.05, 1.1, 1.15)
-
 @torch.no_grad()
 def fit_temperature(model: GPT, batches, rt: Runtime) -> float:
     """The logit temperature of least NLL on the calibration (training) batches, left applied to the model."""
@@ -971,8 +952,6 @@ def quantize_state(model: GPT, h: Hyperparameters, hessians: dict | None = None,
         add_lqer(out, model.state_dict(), h)
     return out
 
-LQER_GROUP = 64
-
 def add_lqer(qstate: dict, state: dict, h: Hyperparameters):
     """LQER: rank-LQER_RANK SVD E ~ A B of W - W_q of the LQER_TENSORS worst matrices; A = US int2, B = V^T int4."""
     errors = {name: state[name].detach().float().cpu() - dequantize_entry(e) for name, e in qstate.items()
@@ -997,10 +976,6 @@ def dequantize_state(qstate: dict) -> dict:
             a, b = (dequantize_entry(qstate[name + suffix]) for suffix in (".lqer_a", ".lqer_b"))
             out[name] = out[name] + a @ b
     return out
-
-ARTIFACT_MAGIC = "parameter-golf-artifact-4"
-CODE_ZSTD = zstandard.ZstdCompressionParameters.from_level(  # Huffman-coded literals only (no matches): README
-    3, strategy=zstandard.STRATEGY_FAST, min_match=7, search_log=1, hash_log=10, chain_log=10, write_checksum=1)
 
 def tensor_role(name: str) -> str:
     """The group a code tensor is compressed in: its family, attention split q/o and k/v, MLP split up and down."""
@@ -1042,14 +1017,11 @@ def deserialize_artifact(data: bytes) -> tuple[dict, dict]:
     except Exception as exc:
         raise ValueError(f"corrupt artifact: {exc}") from exc
 
-FIT_TOLERANCE = 0.003  # AUTO_FIT lands the artifact within this fraction under the budget
-FIT_MULT_RANGE = (0.25, 8.0)  # the step multipliers AUTO_FIT may use
-
 def quantize_within_budget(model: GPT, h: Hyperparameters, hessians, config: dict, log=print) -> bytes:
     """Quantize and compress. AUTO_FIT: one multiplier e^x of every step (bytes fall as x grows), bisected on estimates
     (round-to-nearest codes, no LQER) x the ratio real/estimate at the last real artifact (GPTQ, LQER; built usually
     twice), then secant steps between real ones, until within FIT_TOLERANCE under the budget (or the finest fit)."""
-    limit, factors, memo, clock = budget_bytes(h) - code_bytes(), {}, {}, {False: [], True: []}
+    limit, factors, memo, clock = h.max_artifact_bytes - code_bytes(), {}, {}, {False: [], True: []}
     def size(x, is_real=False):  # bytes of the real artifact (kept in memo) or of the estimate
         if (x, is_real) not in memo:
             t0, hh = time.perf_counter(), h if is_real else replace(h, lqer_rank=0)
@@ -1094,16 +1066,13 @@ def model_config(h: Hyperparameters, looping: bool, temperature: float = 1.0) ->
 def code_bytes() -> int:
     return os.path.getsize(os.path.abspath(__file__))
 
-def budget_bytes(h: Hyperparameters) -> int:
-    return min(h.max_artifact_bytes, CHALLENGE_MAX_BYTES)
-
 class ArtifactTooLarge(RuntimeError):
     pass
 
 def check_budget(model_bytes: int, h: Hyperparameters) -> int:
-    if model_bytes + code_bytes() > budget_bytes(h):
+    if model_bytes + code_bytes() > h.max_artifact_bytes:
         raise ArtifactTooLarge(f"bytes_total {model_bytes + code_bytes()} (model {model_bytes} + code {code_bytes()}) "
-                               f"exceeds the budget of {budget_bytes(h)} bytes")
+                               f"exceeds the budget of {h.max_artifact_bytes} bytes")
     return model_bytes + code_bytes()
 
 # ======== Evaluation: plain, sliding window, score-first test-time training (chunked, LoRA, phased) ===================
@@ -1147,8 +1116,7 @@ def sliding_windows(n_targets: int, seq_len: int, stride: int) -> list[tuple[int
 def score_windows(model, tokens, windows, seq_len, batch_seqs, luts, rt: Runtime, scores: Scores):
     """Windows in batches of exactly batch_seqs rows (one compiled shape); missing rows score nothing."""
     device = luts[0].device
-    tokens = tokens.to(device)
-    offsets = torch.arange(seq_len + 1, device=device)
+    tokens, offsets = tokens.to(device), torch.arange(seq_len + 1, device=device)
     for b in range(0, len(windows), batch_seqs):
         w = torch.tensor(windows[b:b + batch_seqs], dtype=torch.int64, device=device).view(-1, 3)
         w = torch.cat((w, w.new_zeros(batch_seqs - w.size(0), 3)))  # (0, 0, 0): an empty score range
@@ -1187,8 +1155,7 @@ def sgd_train(model, tokens, targets: torch.Tensor, params, opt, h: Hyperparamet
             t = step_targets[rt.rank::rt.world]  # rows r, r+world, ...: a short chunk still spreads over the ranks
             t = F.pad(t, (0, 0, 0, per_rank - t.size(0)), value=-1).to(tokens.device)
             valid = t >= 0
-            x = torch.where(valid, tokens[t.clamp_min(0)], 0)
-            y = torch.where(valid, tokens[(t + 1).clamp_min(0)], 0)
+            x, y = (torch.where(valid, tokens[(t + k).clamp_min(0)], 0) for k in (0, 1))
             with rt.autocast():
                 nll = model(x, y, reduction="none")
             (torch.where(valid, nll.float(), 0.0).sum() / n_tokens).backward()
@@ -1226,16 +1193,14 @@ def eval_ttt(model: GPT, tokens, h: Hyperparameters, luts, rt: Runtime):
 
 def documents(tokens: torch.Tensor) -> list[tuple[int, int]]:
     """(first, end) target of each document, from its BOS to the next BOS (its last target); they tile the stream."""
-    n = tokens.numel() - 1
     starts = sorted({0, *(tokens[:-1] == BOS_ID).nonzero().flatten().tolist()})
-    return list(zip(starts, starts[1:] + [n]))
+    return list(zip(starts, starts[1:] + [tokens.numel() - 1]))
 
 LORA_ALPHA = 144.0  # adapters output (x A^T) B^T * LORA_ALPHA / rank
 FLEX_MIN_LEN = 256  # shortest LoRA window with the document mask (compiled block masks reported failing at <= 128)
 
 def make_adapters(net: GPT, h: Hyperparameters, device) -> list[torch.Tensor]:
-    """(A, B) per adapter, TTT_LORA_DOCS documents deep: q, k, v, o, mlp for each virtual layer (a looped layer
-    gets a set per pass), then the head. Made once; reset in place (same tensors: no recompiles)."""
+    """(A, B), TTT_LORA_DOCS deep: q, k, v, o, mlp per virtual layer, then the head; reset in place (no recompiles)."""
     dim, docs, rank = h.model_dim, h.ttt_lora_docs, h.ttt_lora_rank
     kv_dim = h.num_kv_heads * (dim // h.num_heads)
     outs = [dim, kv_dim, kv_dim, dim, dim] * len(net.order) + [h.vocab_size]
@@ -1379,15 +1344,13 @@ def setup_runtime(h: Hyperparameters) -> Runtime:
     device = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
     if use_cuda:
         torch.cuda.set_device(device)
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     for name, switch in SDPA_BACKENDS.items():  # the kernels SDPA may choose, fixed before any graph is traced
         getattr(torch.backends.cuda, "enable_" + switch)(name in h.sdpa_backends.split(","))
     compiled = h.compile == "1" or (h.compile == "auto" and use_cuda)
     if compiled:  # train, eval and TTT graphs share the model's code object; never fall back to eager
         torch._dynamo.config.recompile_limit = 64
-    if world > 1:
-        # generous timeout: ranks wait at a barrier while rank 0 runs the quantization search and zstd-22
+    if world > 1:  # generous timeout: ranks wait at a barrier while rank 0 runs the quantization search and zstd-22
         dist.init_process_group("nccl" if use_cuda else "gloo", timeout=datetime.timedelta(minutes=30))
     amp = h.autocast == "bf16" or (h.autocast == "auto" and use_cuda)
     return Runtime(device, rank, world, torch.bfloat16 if amp else None, compiled, h.compile_backend)
@@ -1419,8 +1382,7 @@ class CompileGuard:
 
 def train_model(h: Hyperparameters, model: GPT, rt: Runtime, log, val_tokens, luts, guard: CompileGuard):
     """Train to the wall clock (less the GPTQ reserve) or ITERATIONS, then average -> (seconds, live bpb, compiled)."""
-    device, world, grad_accum = rt.device, rt.world, 8 // rt.world
-    compiled = rt.compile(model)
+    device, world, grad_accum, compiled = rt.device, rt.world, 8 // rt.world, rt.compile(model)
     ddp = DDP(compiled, device_ids=[device.index] if device.type == "cuda" else None,
               broadcast_buffers=False) if world > 1 else compiled
     optimizers = build_optimizers(model, h, rt)
@@ -1445,7 +1407,6 @@ def train_model(h: Hyperparameters, model: GPT, rt: Runtime, log, val_tokens, lu
         if world > 1:  # log the loss of the whole global batch, not only this rank's share
             dist.all_reduce(total)
         return total / (grad_accum * world)
-
     if h.warmup_steps > 0:  # compile priming (training and validation graphs, looped or not); undone below
         saved = copy.deepcopy(model.state_dict()), [copy.deepcopy(o.state_dict()) for o in optimizers]
         loader, n = make_loader(), max(h.warmup_steps, 2 if h.num_loops else 1)
@@ -1465,12 +1426,10 @@ def train_model(h: Hyperparameters, model: GPT, rt: Runtime, log, val_tokens, lu
             opt.load_state_dict(state)
         log(f"warmup: {n} priming steps run and undone, evaluation graphs primed on synthetic tokens; "
             f"graphs compiled:{guard.mark('train')[0]}")
-
     averager = WeightAverager(model, h)
     reserve = h.gptq_reserve_seconds if h.gptq or h.fit_temperature else 0.0
     budget = max(h.max_wallclock_seconds - reserve, 1e-9) if h.max_wallclock_seconds > 0 else 0.0
-    loader = make_loader()
-    step, train_time, train_time_now, qat_on, stop = 0, 0.0, 0.0, False, False
+    loader, step, train_time, train_time_now, qat_on, stop = make_loader(), 0, 0.0, 0.0, False, False
     if device.type == "cuda":
         torch.cuda.synchronize()
     t_resume = time.perf_counter()
@@ -1496,10 +1455,8 @@ def train_model(h: Hyperparameters, model: GPT, rt: Runtime, log, val_tokens, lu
         for opt in optimizers:
             for g in opt.param_groups:
                 g["lr"] = g["base_lr"] * lr_mul
-        muon_group = optimizers[1].param_groups[0]
         warm = min(step / h.muon_momentum_warmup_steps, 1.0) if h.muon_momentum_warmup_steps else 1.0
-        muon_group["momentum"] = (1 - warm) * h.muon_momentum_warmup_start + warm * h.muon_momentum
-        muon_group["weight_decay"] = h.muon_wd * muon_wd_multiplier(frac, h)
+        optimizers[1].param_groups[0]["momentum"] = (1 - warm) * h.muon_momentum_warmup_start + warm * h.muon_momentum
         loss = train_step(loader)
         step += 1
         averager.update(step, lr_mul)
@@ -1653,7 +1610,8 @@ def main():
     blob = Path(h.artifact_path).read_bytes()
     model = load_artifact_into(model, blob, h, rt.device)  # every score: the artifact's
     bytes_code = code_bytes()
-    log(f"bytes_model:{len(blob)} bytes_code:{bytes_code} bytes_total:{len(blob) + bytes_code} limit:{budget_bytes(h)}")
+    log(f"bytes_model:{len(blob)} bytes_code:{bytes_code} bytes_total:{len(blob) + bytes_code} "
+        f"limit:{h.max_artifact_bytes}")
     check_budget(len(blob), h)
     results = final_evaluations(h, evaluator, val_tokens, luts, rt, log, guard)
     eval_seconds = time.perf_counter() - eval_start

@@ -1136,13 +1136,13 @@ def test_newton_schulz_classic_and_polar_reach_the_polar_factor():
         assert dev5["polar"] < dev5["classic"], (shape, dev5)
 
 
-def test_muon_wd_taper_multiplier():
-    h = make_h(MUON_WD_TAPER_FROM=0.7)
-    for frac, want in ((0.0, 1.0), (0.5, 1.0), (0.69, 1.0), (0.7, 1.0), (0.85, 0.75), (0.94, 0.6), (1.0, 0.5),
-                       (1.2, 0.5)):
-        assert tg.muon_wd_multiplier(frac, h) == pytest.approx(want, abs=1e-12), frac
-    off = make_h()  # default MUON_WD_TAPER_FROM=1.0: no taper
-    assert all(tg.muon_wd_multiplier(f, off) == 1.0 for f in (0.0, 0.5, 0.99, 1.0))
+@pytest.mark.parametrize("knob", ["MUON_WD_TAPER_FROM", "MUON_WD_TAPER_TO"])
+def test_muon_wd_taper_knobs_are_removed(knob):
+    """The Muon WD is constant (the record has no taper): the taper knobs are refused, naming the removal."""
+    with pytest.raises(tg.KnobError, match=f"knob {knob} was removed"):
+        tg.Hyperparameters.from_env({knob: "0.7"})
+    assert "muon_wd_taper_from" not in {f.name for f in dataclasses.fields(tg.Hyperparameters)}
+    assert not hasattr(tg, "muon_wd_multiplier")
 
 
 def test_lr_multiplier_warmdown_and_min_lr_floor():

@@ -23,7 +23,7 @@ RECORD = {
     "bigram_buckets": 0,  # row 41
     "matrix_lr": 0.026, "muon_momentum": 0.97, "muon_momentum_warmup_start": 0.92,  # rows 43-44
     "muon_momentum_warmup_steps": 1500, "muon_ns_steps": 5, "muon_ns_coeffs": "polar", "muon_eq_r": True,
-    "muon_wd": 0.095, "muon_wd_taper_from": 1.0,  # row 48: constant, no taper
+    "muon_wd": 0.095,  # row 48: constant (no taper knob)
     "embed_lr": 0.03, "embed_wd": 0.085, "scalar_lr": 0.02, "adam_wd": 0.02, "beta1": 0.9, "beta2": 0.99,
     "warmdown_frac": 0.85, "min_lr_frac": 0.1, "grad_clip_norm": 0.3, "max_wallclock_seconds": 600.0,
     "averaging": "ema", "ema_decay": 0.9965, "qat": False,  # rows 58-60

