@@ -118,11 +118,11 @@ class Hyperparameters:
     qat: bool = True
     qat_start_frac: float = 0.85
     # quantization and export
-    quant_attn_bits: int = 6
+    quant_attn_bits: int = 5  # int5 attention and int8 small tensors: the best at equal bytes (README, measured)
     quant_mlp_bits: int = 5
     quant_embed_bits: int = 8
     quant_bigram_bits: int = 6
-    quant_small_bits: int = 0  # small tensors (gains, mixes, scalars) 0: fp16; 8: int8, a scale per row. Gates: int8
+    quant_small_bits: int = 8  # small tensors (gains, mixes, scalars) 0: fp16; 8: int8, a scale per row. Gates: int8
     sdclip_attn_k: float = 8.0  # SDClip: step = k * row std / qmax, so rows clip at k std; 0: the baseline's clip
     sdclip_mlp_k: float = 8.0
     sdclip_embed_k: float = 6.0
@@ -133,7 +133,6 @@ class Hyperparameters:
     gptq_reserve_seconds: float = 12.0
     lqer_rank: int = 0  # low-rank correction of the quantization error of the LQER_TENSORS worst tensors; 0 = off
     lqer_tensors: int = 3
-    fit_temperature: bool = False  # fit one logit temperature on the calibration (training) tokens
     zstd_level: int = 22
     max_artifact_bytes: int = 16_000_000  # may lower, never raise, the challenge's cap
     auto_fit: bool = True  # search one clip multiplier so the artifact lands just under the byte budget
@@ -157,7 +156,6 @@ class Hyperparameters:
     ttt_lora_warm_a: bool = False  # keep the trained A across batches (B reset); redrawn after each global phase
     ttt_phases: int = 3  # phased: global SGD passes, at evenly spaced counts of fully scored documents
     ttt_phase_docs: int = 2500  # phased: documents scored when the last global pass runs
-
     @classmethod
     def from_env(cls, env=None) -> "Hyperparameters":
         """Defaults, then each PRESET in order, then the knobs set in the environment; validated."""
@@ -176,7 +174,6 @@ class Hyperparameters:
         h = cls(**values)
         h.validate()
         return h
-
     def validate(self):
         choices = {"mlp_act": ("relu2", "leaky_relu2"), "averaging": ("ema", "swa", "none"), "quant_small_bits": (0, 8),
                    "device": ("auto", "cuda", "cpu"), "compile": ("auto", "1", "0"),
@@ -234,6 +231,7 @@ REMOVED_KNOBS["QUANT_CLIP"] = "SDClip is the only clip rule: it beat the per-row
 REMOVED_KNOBS["PRUNE_FRAC"] = "magnitude pruning moved val_bpb by < 0.0005 at equal bytes; cut for the line budget"
 REMOVED_KNOBS["GPTQ_CALIB_SEQS"] = "GPTQ_CALIB_TOKENS: a token count (the record: 16 x 48 x 2048 = 1572864)"
 REMOVED_KNOBS["DRY_RUN"] = "the dry run is `python bench/dry_run.py [KNOB=VALUE ...]`"
+REMOVED_KNOBS["FIT_TEMPERATURE"] = "no record fits a temperature and no gain was measured; cut for the line budget"
 BOOL_WORDS = {"1": True, "true": True, "yes": True, "on": True, "0": False, "false": False, "no": False, "off": False}
 CHALLENGE_MAX_BYTES = 16_000_000
 GATE_DIMS = 12
@@ -247,10 +245,10 @@ PRESETS: dict[str, dict[str, object]] = {
     "naive_baseline": dict(
         NUM_LAYERS=9, MLP_MULT=2, MLP_ACT="relu2", TRAIN_SEQ_LEN=1024, EVAL_SEQ_LEN=1024, TRAIN_BATCH_TOKENS=524_288,
         SMEAR_GATE=0, BIGRAM_BUCKETS=0, XSA_LAST_N=0, ROPE_DIMS=0, ROPE_NTK=0, LN_SCALE=0, ORTHO_INIT=0, QAT=0,
-        AVERAGING="none", GPTQ=0, QUANT_ATTN_BITS=8, QUANT_MLP_BITS=8, SDCLIP_ATTN_K=0, SDCLIP_MLP_K=0,
-        SDCLIP_EMBED_K=0, AUTO_FIT=0, TTT=0, MUON_WD=0, ADAM_WD=0, EMBED_WD=0, GRAD_CLIP_NORM=0, WARMDOWN_FRAC=0.09,
-        MATRIX_LR=0.04, SCALAR_LR=0.04, EMBED_LR=0.05, MUON_MOMENTUM=0.95, MUON_MOMENTUM_WARMUP_START=0.85,
-        MUON_MOMENTUM_WARMUP_STEPS=500),
+        AVERAGING="none", GPTQ=0, QUANT_ATTN_BITS=8, QUANT_MLP_BITS=8, QUANT_SMALL_BITS=0, SDCLIP_ATTN_K=0,
+        SDCLIP_MLP_K=0, SDCLIP_EMBED_K=0, AUTO_FIT=0, TTT=0, MUON_WD=0, ADAM_WD=0, EMBED_WD=0, GRAD_CLIP_NORM=0,
+        WARMDOWN_FRAC=0.09, MATRIX_LR=0.04, SCALAR_LR=0.04, EMBED_LR=0.05, MUON_MOMENTUM=0.95,
+        MUON_MOMENTUM_WARMUP_START=0.85, MUON_MOMENTUM_WARMUP_STEPS=500),
     "frontier": dict(
         VOCAB_SIZE=8192, DATA_PATH="./data/datasets/fineweb10B_sp8192_lossless_caps_caseops_v1_reserved",
         TOKENIZER_PATH="./data/tokenizers/fineweb_8192_bpe_lossless_caps_caseops_v1_reserved.model", TRAIN_DOC_ROWS=1,
@@ -258,8 +256,8 @@ PRESETS: dict[str, dict[str, object]] = {
         LOOP_END=5, LOOP_ENABLE_FRAC=0.35, PARALLEL_RESID_FROM=8, PARALLEL_LANES=2, SKIP_GATES=1, ATTN_GATE=1,
         ATTN_GATE_SCALE=0.5, ATTN_DOC_MASK=1, MUON_EQ_R=1, MUON_NS_COEFFS="polar", MATRIX_LR=0.026, SCALAR_LR=0.02,
         EMBED_LR=0.03, MUON_MOMENTUM=0.97, MUON_WD=0.095, EMBED_WD=0.085, ADAM_WD=0.02, BETA2=0.99, WARMDOWN_FRAC=0.85,
-        MIN_LR_FRAC=0.1, EMA_DECAY=0.9965, QAT=0, QUANT_MLP_BITS=6, QUANT_EMBED_BITS=7, SDCLIP_ATTN_K=13,
-        SDCLIP_MLP_K=11.5, SDCLIP_EMBED_K=14, QUANT_SMALL_BITS=8, GPTQ_EMBED=1, GPTQ_CALIB_TOKENS=1_572_864,
+        MIN_LR_FRAC=0.1, EMA_DECAY=0.9965, QAT=0, QUANT_ATTN_BITS=6, QUANT_MLP_BITS=6, QUANT_EMBED_BITS=7,
+        SDCLIP_ATTN_K=13, SDCLIP_MLP_K=11.5, SDCLIP_EMBED_K=14, GPTQ_EMBED=1, GPTQ_CALIB_TOKENS=1_572_864,
         GPTQ_RESERVE_SECONDS=8, LQER_RANK=4, TTT_MODE="phased", TTT_LR=0.001, TTT_EPOCHS=1, TTT_LORA_WARM_A=1),
     "sp8192": dict(DATA_PATH="./data/datasets/fineweb10B_sp8192",
                    TOKENIZER_PATH="./data/tokenizers/fineweb_8192_bpe.model"),
@@ -280,10 +278,8 @@ class Runtime:
     amp_dtype: torch.dtype | None = None  # None: fp32
     compiled: bool = False
     backend: str = "inductor"
-
     def autocast(self):
         return torch.autocast(self.device.type, self.amp_dtype) if self.amp_dtype else contextlib.nullcontext()
-
     def compile(self, fn):
         return torch.compile(fn, dynamic=False, fullgraph=True, backend=self.backend) if self.compiled else fn
 
@@ -326,7 +322,6 @@ class DistributedTokenLoader:
         self.local_tokens, self.seq_len, self.waiting, self.fits = batch_tokens // world_size, seq_len, {}, []
         self.pool, self.pieces, self.docs = ThreadPoolExecutor(1) if prefetch else None, enumerate(self._pieces()), docs
         self.pending = self.pool.submit(self._make) if prefetch else None
-
     def take(self, n: int) -> np.ndarray:
         parts = []
         while n > 0:
@@ -338,7 +333,6 @@ class DistributedTokenLoader:
             parts.append(self.tokens[self.pos:self.pos + k])
             self.pos, n = self.pos + k, n - k
         return np.concatenate(parts)
-
     def _pieces(self):  # docs: every piece's tokens and the one after, in stream order
         while True:
             for path in self.files:
@@ -347,7 +341,6 @@ class DistributedTokenLoader:
                     raise ValueError(f"shard {path} holds {len(bos)} BOS (id {BOS_ID}): no documents to pack")
                 for a, b in zip(bos, bos[1:]):
                     yield from (w[s:min(s + self.seq_len, b) + 1] for s in range(a, b, self.seq_len))
-
     def _row(self, lookahead: int = 1024) -> list[np.ndarray]:  # waiting: index -> piece; fits: (len, -index) sorted
         while len(self.waiting) < lookahead or len(self.fits) < 2:
             i, p = next(self.pieces)
@@ -366,7 +359,6 @@ class DistributedTokenLoader:
             parts.append(self.waiting.pop(-self.fits.pop(k)[1]))
             room -= len(parts[-1]) - 1
         return parts + [self.waiting[-self.fits[0][1]][:room + 1]] if room else parts  # a prefix fills the rest
-
     def _make(self):  # rows of pieces (docs) or this rank's span of the stream as one row, then reshaped
         span, n = self.local_tokens + 1, self.local_tokens // self.seq_len
         rows = ([self._row() for _ in range(n * self.world)][self.rank * n:(self.rank + 1) * n] if self.docs
@@ -374,14 +366,12 @@ class DistributedTokenLoader:
         x, y = (torch.from_numpy(np.stack([np.concatenate([p[k:len(p) - 1 + k] for p in r]) for r in rows])
                                  .reshape(-1, self.seq_len).astype(np.int64)) for k in (0, 1))
         return (x.pin_memory(), y.pin_memory()) if self.device.type == "cuda" else (x, y)
-
     def next_batch(self):
         if self.pool is None:
             x, y = self._make()
         else:  # result() re-raises a failure of the worker (a corrupt shard, say) here
             (x, y), self.pending = self.pending.result(), self.pool.submit(self._make)
         return x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
-
     def close(self):
         if self.pool is not None:
             self.pool.shutdown(cancel_futures=True)
@@ -452,7 +442,6 @@ class CastedLinear(nn.Linear):
         super().__init__(in_features, out_features, bias=False)
         self.qat_bits, self.zero_init = qat_bits, zero_init
         self.register_buffer("qat_on", torch.zeros(()), persistent=False)
-
     def forward(self, x):
         w = self.weight
         w = w + self.qat_on * (fake_quantize_rows(w, self.qat_bits) - w).detach() if self.qat_bits else w
@@ -519,7 +508,6 @@ class CausalSelfAttention(nn.Module):
         self.gate_w = nn.Parameter(torch.zeros(self.heads, GATE_DIMS)) if h.attn_gate else None  # gates start at 0.5
         self.gate_scale, self.rope_dims, self.xsa = h.attn_gate_scale, h.rope_dims or self.head_dim, xsa
         self.rope_base, self.rope_ntk, self.train_seq_len = h.rope_base, h.rope_ntk, h.train_seq_len
-
     def forward(self, x, mask, lora=None):
         """x: the normed block input; lora: a TTT slot's adapters (q, k, v, o, mlp), fed x (o added after proj)."""
         (B, T, _), (q, k, v) = x.shape, (self.c_q(x), self.c_k(x), self.c_v(x))
@@ -547,7 +535,6 @@ class MLP(nn.Module):
         self.fc = CastedLinear(h.model_dim, hidden, h.quant_mlp_bits)
         self.proj = CastedLinear(hidden, h.model_dim, h.quant_mlp_bits, zero_init=True)
         self.slope = h.leaky_slope if h.mlp_act == "leaky_relu2" else 0.0
-
     def forward(self, x):
         return self.proj(F.leaky_relu(self.fc(x), self.slope).square())  # slope 0: relu^2
 
@@ -562,12 +549,10 @@ class Block(nn.Module):
         self.two_lane = self.parallel and h.parallel_lanes == 2
         if self.two_lane:  # lane_write[i, j]: how much sublayer i (attention, MLP) writes into lane j
             self.lane_write, self.lane_keep = nn.Parameter(torch.ones(2, 2)), nn.Parameter(torch.full((2,), 1.1))
-
     def mlp_branch(self, x, lora):
         n = rms_norm(x) * self.norm_scale
         out = self.mlp(n) if lora is None else self.mlp(n) + lora_delta(n, lora[4])  # TTT: a dim->dim bypass
         return self.mlp_scale.to(x.dtype) * out
-
     def forward(self, x, x0, mask, lane1=None, lora=None):
         mix = self.resid_mix.to(x.dtype)
         x_in = mix[0] * x + mix[1] * x0
@@ -588,7 +573,6 @@ class SmearGate(nn.Module):
             self.gate = nn.Parameter(torch.zeros(dim))
         else:
             self.gate_proj, self.lam = nn.Parameter(torch.zeros(1, GATE_DIMS)), nn.Parameter(torch.zeros(()))
-
     def forward(self, x, ids):
         prev = torch.cat((torch.zeros_like(x[:, :1]), x[:, :-1]), dim=1)
         keep = (ids != BOS_ID).to(x.dtype).unsqueeze(-1)
@@ -613,7 +597,6 @@ class BigramHash(nn.Module):
         self.buckets, self.table = h.bigram_buckets, nn.Embedding(h.bigram_buckets, h.bigram_dim)
         nn.init.zeros_(self.table.weight)  # the projection is non-zero, so the table still gets gradients
         self.proj, self.scale = CastedLinear(h.bigram_dim, h.model_dim), nn.Parameter(torch.tensor(0.05))
-
     def forward(self, ids):
         return self.scale * self.proj(self.table(bigram_bucket_ids(ids, self.buckets)))
 
@@ -634,7 +617,6 @@ class GPT(nn.Module):
         n_skips = len(layer_schedule(h, looping=True)) // 2  # decoder j takes encoder n_enc-1-j; an odd last one none
         self.skip_weights = nn.Parameter(torch.ones(n_skips, h.model_dim)) if h.unet_skips else None
         self.skip_gates = nn.Parameter(torch.zeros(n_skips, h.model_dim)) if h.unet_skips and h.skip_gates else None
-        self.register_buffer("inv_temperature", torch.ones(()), persistent=False)
         self.looping, self.order = False, layer_schedule(h, looping=False)
         self.lora, self.head_lora = None, None  # TTT adapters: one (q, k, v, o, mlp) set per virtual layer; the head
         nn.init.normal_(self.tok_emb.weight, std=0.005)
@@ -645,16 +627,13 @@ class GPT(nn.Module):
                 nn.init.orthogonal_(m.weight)
                 if name.endswith(".proj"):  # non-zero output projections are scaled down with depth
                     m.weight.data.mul_(1.0 / math.sqrt(2 * h.num_layers))
-
     def set_looping(self, on: bool):
         self.looping = bool(on and self.h.num_loops)
         self.order = layer_schedule(self.h, self.looping)
-
     def set_qat(self, on: bool):
         for m in self.modules():
             if isinstance(m, CastedLinear):
                 m.qat_on.fill_(1.0 if on else 0.0)
-
     def hidden(self, ids):
         x = self.tok_emb(ids) if self.bigram is None else self.tok_emb(ids) + self.bigram(ids)
         if self.smear is None or self.smear.form == "seed":  # seed: smear the normed embedding; record: the raw one
@@ -674,13 +653,11 @@ class GPT(nn.Module):
             if i < n_enc:
                 skips.append(x)
         return rms_norm(x if lane1 is None else 0.5 * (x + lane1))
-
     def logits(self, ids):
         hid = self.hidden(ids)
         z = F.linear(hid, self.tok_emb.weight)
         z = z if self.head_lora is None else z + lora_delta(hid, self.head_lora)
-        return self.h.logit_softcap * torch.tanh(z.float() / self.h.logit_softcap) * self.inv_temperature
-
+        return self.h.logit_softcap * torch.tanh(z.float() / self.h.logit_softcap)
     def forward(self, ids, targets, reduction: str = "mean"):
         nll = F.cross_entropy(self.logits(ids).flatten(0, 1), targets.reshape(-1), reduction="none")
         return nll.mean() if reduction == "mean" else nll.view_as(targets)
@@ -721,7 +698,6 @@ class Muon(torch.optim.Optimizer):
         self.rt, self.ns_steps, self.coeffs, self.eq_r = rt, h.muon_ns_steps, NS_COEFFS[h.muon_ns_coeffs], h.muon_eq_r
         self.dtype = torch.bfloat16 if rt.amp_dtype == torch.bfloat16 else torch.float32
         self._orth = rt.compile(newton_schulz_orthogonalize)
-
     @torch.no_grad()
     def step(self):
         rank, world = self.rt.rank, self.rt.world
@@ -774,7 +750,6 @@ class WeightAverager:
     def __init__(self, model: nn.Module, h: Hyperparameters):
         self.mode, self.h, self.params, self.count = h.averaging, h, list(model.parameters()), 0
         self.avg = [p.detach().float().clone() for p in self.params] if self.mode == "ema" else None
-
     @torch.no_grad()
     def update(self, step: int, lr_mul: float):
         current = [p.detach().float() for p in self.params]
@@ -783,7 +758,6 @@ class WeightAverager:
         elif self.mode == "swa" and lr_mul < self.h.swa_start_lr and step % self.h.swa_every == 0:
             self.avg = [c.clone() for c in current] if self.avg is None else torch._foreach_add(self.avg, current)
             self.count += 1
-
     @torch.no_grad()
     def apply(self) -> str:
         if self.avg is None:
@@ -794,7 +768,6 @@ class WeightAverager:
         return f"averaging:{self.mode} {detail} applied:yes"
 
 # ======== Quantization and export =====================================================================================
-TEMPERATURES = (0.85, 0.9, 0.95, 1.0, 1.05, 1.1, 1.15)  # the logit temperatures FIT_TEMPERATURE tries
 LQER_GROUP = 64  # LQER's int4 B factor: one scale per this many codes (at most)
 ARTIFACT_MAGIC = "parameter-golf-artifact-4"
 CODE_ZSTD = zstandard.ZstdCompressionParameters.from_level(  # Huffman-coded literals only (no matches): README
@@ -913,21 +886,6 @@ def collect_hessians(model: GPT, batches, names: set[str], rt: Runtime) -> dict[
     return sums
 
 @torch.no_grad()
-def fit_temperature(model: GPT, batches, rt: Runtime) -> float:
-    """The logit temperature of least NLL on the calibration (training) batches, left applied to the model."""
-    losses = torch.zeros(len(TEMPERATURES), dtype=torch.float64, device=rt.device)
-    for i, t in enumerate(TEMPERATURES):
-        model.inv_temperature.fill_(1.0 / t)
-        for x, y in batches:
-            with rt.autocast():
-                losses[i] += model(x, y, reduction="none").double().sum()
-    if rt.world > 1:
-        dist.all_reduce(losses)
-    best = TEMPERATURES[int(losses.argmin())]
-    model.inv_temperature.fill_(1.0 / best)  # kept for the pre-quantization score, stored in the artifact
-    return best
-
-@torch.no_grad()
 def quantize_state(model: GPT, h: Hyperparameters, hessians: dict | None = None, mult: float = 1.0,
                    factors: dict | None = None) -> dict:
     """name -> {"bits", "q", "scale", "group"} (one fp16 scale per `group` codes) or {"data"} (fp16), + LQER."""
@@ -1037,7 +995,9 @@ def quantize_within_budget(model: GPT, h: Hyperparameters, hessians, config: dic
         if h.auto_fit and (size(hi) <= target or size(hi, True) <= limit):  # else nothing fits: raised below
             for step in range(10):
                 over, under = ([x for x, r in memo if r and (size(x, True) > limit) is side] for side in (True, False))
-                if step >= 2 and over and under:  # secant and bisection steps between the closest real artifacts
+                if step >= 2 and not (over and under):  # the estimates keep missing one side: that end, for real
+                    x = lo if under else hi
+                elif step >= 2:  # secant and bisection steps between the closest real artifacts
                     (a, na), (b, nb) = ((x, size(x, True)) for x in (max(over), min(under)))
                     x = (a + b) / 2 if step % 2 else a + (b - a) * (na - target) / (na - nb)
                 else:  # bisection on the estimate x ratio
@@ -1060,8 +1020,8 @@ def quantize_within_budget(model: GPT, h: Hyperparameters, hessians, config: dic
         f"{sum(clock[False]):.1f}s, {len(clock[True])} real artifacts (GPTQ) in {sum(clock[True]):.1f}s")
     return memo[x, True]
 
-def model_config(h: Hyperparameters, looping: bool, temperature: float = 1.0) -> dict:
-    return {**{k: getattr(h, k) for k in MODEL_KNOBS}, "looping": looping, "temperature": temperature}
+def model_config(h: Hyperparameters, looping: bool) -> dict:
+    return {**{k: getattr(h, k) for k in MODEL_KNOBS}, "looping": looping}
 
 def code_bytes() -> int:
     return os.path.getsize(os.path.abspath(__file__))
@@ -1080,22 +1040,18 @@ class Scores:
     """fp64 sums of NLL (nats), scored tokens and their UTF-8 bytes; all-reduced exactly across ranks."""
     def __init__(self, device):
         self.sums = torch.zeros(3, dtype=torch.float64, device=device)
-
     def add(self, nll: torch.Tensor, prev: torch.Tensor, tgt: torch.Tensor, luts, mask=None, pos=None):
         mask = torch.ones_like(nll, dtype=torch.bool) if mask is None else mask
         self.sums[0] += torch.where(mask, nll.double(), 0.0).sum()
         self.sums[1] += mask.sum()
         self.sums[2] += torch.where(mask, target_bytes(prev, tgt, luts, pos), 0).sum()
-
     def reduce(self, world_size: int) -> "Scores":
         if world_size > 1:
             dist.all_reduce(self.sums)
         return self
-
     @property
     def val_loss(self) -> float:
         return (self.sums[0] / self.sums[1]).item()
-
     @property
     def val_bpb(self) -> float:
         return (self.sums[0] / (math.log(2.0) * self.sums[2])).item()
@@ -1369,7 +1325,6 @@ class CompileGuard:
     def __init__(self):
         self.graphs, self.seen, self.reasons_seen = {}, dynamo_counters["stats"]["unique_graphs"], {}
         self.mark("")
-
     def mark(self, phase: str) -> tuple[int, list[str]]:
         """Graphs compiled since the previous mark, filed under `phase`, and the guard failures behind them."""
         now, counts = dynamo_counters["stats"]["unique_graphs"], {c: len(r) for c, r in dynamo_guard_failures.items()}
@@ -1427,7 +1382,7 @@ def train_model(h: Hyperparameters, model: GPT, rt: Runtime, log, val_tokens, lu
         log(f"warmup: {n} priming steps run and undone, evaluation graphs primed on synthetic tokens; "
             f"graphs compiled:{guard.mark('train')[0]}")
     averager = WeightAverager(model, h)
-    reserve = h.gptq_reserve_seconds if h.gptq or h.fit_temperature else 0.0
+    reserve = h.gptq_reserve_seconds if h.gptq else 0.0
     budget = max(h.max_wallclock_seconds - reserve, 1e-9) if h.max_wallclock_seconds > 0 else 0.0
     loader, step, train_time, train_time_now, qat_on, stop = make_loader(), 0, 0.0, 0.0, False, False
     if device.type == "cuda":
@@ -1482,11 +1437,11 @@ def train_model(h: Hyperparameters, model: GPT, rt: Runtime, log, val_tokens, lu
     return train_time, scores.val_bpb, compiled
 
 def calibrate(h: Hyperparameters, model: GPT, rt: Runtime, log, train_time: float):
-    """GPTQ Hessians and temperature from training tokens; fails past MAX_WALLCLOCK_SECONDS with training."""
-    t0, hessians, calibrating, T = time.perf_counter(), None, h.gptq or h.fit_temperature, h.train_seq_len
+    """GPTQ Hessians from training tokens (None without GPTQ); fails past MAX_WALLCLOCK_SECONDS with training."""
+    t0, hessians, T = time.perf_counter(), None, h.train_seq_len
     tf32, torch.backends.cuda.matmul.allow_tf32 = torch.backends.cuda.matmul.allow_tf32, False  # fp32 Hessian products
     files, n, mine = list_shards(os.path.join(h.data_path, "fineweb_train_*.bin")), 0, range(0)
-    if calibrating:  # GPTQ_CALIB_TOKENS in whole windows drawn (seeded, none twice) from all shards, split over ranks
+    if h.gptq:  # GPTQ_CALIB_TOKENS in whole windows drawn (seeded, none twice) from all shards, split over ranks
         per_shard = np.array([max(os.path.getsize(f) // 2 - 2 * SHARD_HEADER_INTS - 1, 0) // T for f in files])
         n = min(max(-(-h.gptq_calib_tokens // T), rt.world), int(per_shard.sum()))
         picks = np.sort(np.random.default_rng(h.seed).choice(int(per_shard.sum()), n, replace=False))  # window ids
@@ -1497,30 +1452,28 @@ def calibrate(h: Hyperparameters, model: GPT, rt: Runtime, log, train_time: floa
         check_token_range(t, h.vocab_size, "calibration windows")
         x, y = (torch.from_numpy(a.astype(np.int64)).to(rt.device) for a in (t[:, :-1], t[:, 1:]))
         batches = [(x[i:i + h.val_batch_seqs], y[i:i + h.val_batch_seqs]) for i in range(0, len(x), h.val_batch_seqs)]
-    if h.gptq:
         names = {n for n, p in model.named_parameters() if tensor_bits(n, h) and p.numel() > h.passthrough_max_numel
                  and (n.startswith("blocks.") or n == "tok_emb.weight" and h.gptq_embed)}
         hessians = collect_hessians(model, batches, names, rt)
-    temperature = fit_temperature(model, batches, rt) if h.fit_temperature else 1.0
     seconds, torch.backends.cuda.matmul.allow_tf32 = time.perf_counter() - t0, tf32
     log(f"calibration: {n * T} training tokens ({len(mine) * T} per rank, {len(files)} shards), {len(hessians or {})} "
-        f"Hessians, temperature:{temperature} in {seconds:.1f}s: {len(mine) * T / max(seconds, 1e-9):.0f} tokens/s "
-        f"per rank, reserve:{h.gptq_reserve_seconds if calibrating else 0:g}s")
+        f"Hessians in {seconds:.1f}s: {len(mine) * T / max(seconds, 1e-9):.0f} tokens/s "
+        f"per rank, reserve:{h.gptq_reserve_seconds if h.gptq else 0:g}s")
     estimate = f" est_8gpu_same_steps:{(train_time + seconds) * rt.world / 8:.1f}s (estimate)" if rt.world < 8 else ""
     log(f"clock_train: training {train_time:.1f}s + calibration {seconds:.1f}s = {train_time + seconds:.1f}s "
         f"limit:{h.max_wallclock_seconds:.0f}s{estimate}")
-    if calibrating and h.max_wallclock_seconds > 0 and train_time + seconds > h.max_wallclock_seconds:
+    if h.gptq and h.max_wallclock_seconds > 0 and train_time + seconds > h.max_wallclock_seconds:
         raise RuntimeError(f"training + calibration took {train_time + seconds:.1f}s, over MAX_WALLCLOCK_SECONDS "
                            f"{h.max_wallclock_seconds:.0f}s: calibration reads training data, so it must end inside "
                            f"the budget (raise GPTQ_RESERVE_SECONDS or lower GPTQ_CALIB_TOKENS)")
-    return hessians, temperature
+    return hessians
 
-def export_artifact(h: Hyperparameters, model: GPT, rt: Runtime, log, hessians, temperature: float):
+def export_artifact(h: Hyperparameters, model: GPT, rt: Runtime, log, hessians):
     """Quantization (with the budget search) and compression on rank 0, written to ARTIFACT_PATH."""
     t0 = time.perf_counter()
     if rt.rank == 0:  # one writer; every rank reads the same bytes back for evaluation
         tf32, torch.backends.cuda.matmul.allow_tf32 = torch.backends.cuda.matmul.allow_tf32, False  # fp32 GPTQ
-        blob = quantize_within_budget(model, h, hessians, model_config(h, model.looping, temperature), log)
+        blob = quantize_within_budget(model, h, hessians, model_config(h, model.looping), log)
         torch.backends.cuda.matmul.allow_tf32 = tf32
         Path(h.artifact_path).write_bytes(blob)
         log(f"export: zstd-{h.zstd_level} lqer_rank:{h.lqer_rank} -> "
@@ -1536,7 +1489,6 @@ def load_artifact_into(model: GPT | None, data: bytes, h: Hyperparameters, devic
     model.load_state_dict(dequantize_state(qstate), strict=True)
     model.set_looping(config["looping"])
     model.set_qat(False)
-    model.inv_temperature.fill_(1.0 / config.get("temperature", 1.0))
     return model
 
 def final_evaluations(h: Hyperparameters, evaluator, val_tokens, luts, rt: Runtime, log, guard) -> dict:
@@ -1594,12 +1546,12 @@ def main():
         train_time, live_bpb, evaluator = train_model(h, model, rt, log, val_tokens, luts, guard)
         log(f"weights_in_sync hashes:{check_ranks_in_sync(model, rt.world)}")
         model.set_qat(False)
-        hessians, temperature = calibrate(h, model, rt, log, train_time)
+        hessians = calibrate(h, model, rt, log, train_time)
         scores = eval_plain(evaluator, val_tokens, h.train_seq_len, h.val_batch_seqs, luts, rt)
         pre_quant = scores.val_bpb
         log(f"pre_quant val_loss:{scores.val_loss:.8f} val_bpb:{scores.val_bpb:.8f} "
             f"live_weights_val_bpb:{live_bpb:.8f} averaging_delta:{scores.val_bpb - live_bpb:+.6f}")
-        export_artifact(h, model, rt, log, hessians, temperature)
+        export_artifact(h, model, rt, log, hessians)
     else:  # a model of the artifact's shape, its evaluation graphs primed before the clock (weights are unchanged)
         model = load_artifact_into(None, Path(h.artifact_path).read_bytes(), h, rt.device)
         evaluator = rt.compile(model)

@@ -89,17 +89,15 @@ def main(argv=None) -> int:
         name, knobs = parse_variant(text)
         hv = replace(knobs_to_hparams({**base, **knobs}), max_artifact_bytes=args.budget + tg.code_bytes())
         model.load_state_dict(trained)
-        model.inv_temperature.fill_(1.0)
         t0 = time.perf_counter()
-        hessians, temperature = tg.calibrate(hv, model, rt, print, 0.0)
-        blob = tg.quantize_within_budget(model, hv, hessians, tg.model_config(hv, model.looping, temperature), print)
+        hessians = tg.calibrate(hv, model, rt, print, 0.0)
+        blob = tg.quantize_within_budget(model, hv, hessians, tg.model_config(hv, model.looping), print)
         export_s = time.perf_counter() - t0
         tg.load_artifact_into(model, blob, hv, rt.device)
         rtrip = tg.eval_plain(model, val, h.train_seq_len, h.val_batch_seqs, luts, rt)
         row = {"kind": "export", "name": name, "knobs": knobs, "label": args.label, "bytes_model": len(blob),
                "budget": args.budget, "pre_quant_bpb": pre.val_bpb, "roundtrip_bpb": rtrip.val_bpb,
-               "quant_gap": rtrip.val_bpb - pre.val_bpb, "export_seconds": round(export_s, 1),
-               "temperature": temperature}
+               "quant_gap": rtrip.val_bpb - pre.val_bpb, "export_seconds": round(export_s, 1)}
         rows.append(row)
         print(json.dumps(row))
         if first_blob is None:

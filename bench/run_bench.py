@@ -71,7 +71,6 @@ ABLATIONS: list[tuple[str, dict[str, str]]] = [
     ("gptq_embed", {"GPTQ_EMBED": "1"}),
     ("lqer", {"LQER_RANK": "4"}),
     ("quant_small_int8", {"QUANT_SMALL_BITS": "8"}),
-    ("fit_temperature", {"FIT_TEMPERATURE": "1"}),
     ("no_ttt", {"TTT": "0"}),
     ("ttt_lora", {"TTT_MODE": "lora"}),
     ("ttt_phased", {"TTT_MODE": "phased"}),

@@ -132,8 +132,8 @@ def main(argv=None) -> int:
         model = init_model(h)
     hessians = None
     if args.gptq_tokens:
-        hh = replace(h, gptq_calib_tokens=args.gptq_tokens, fit_temperature=False, max_wallclock_seconds=0)
-        hessians, _ = tg.calibrate(hh, model, tg.Runtime(torch.device("cpu")), print, 0.0)
+        hh = replace(h, gptq_calib_tokens=args.gptq_tokens, max_wallclock_seconds=0)
+        hessians = tg.calibrate(hh, model, tg.Runtime(torch.device("cpu")), print, 0.0)
     t0 = time.perf_counter()
     qstate = tg.quantize_state(model, h, hessians, args.mult)
     print(f"quantized at x{args.mult} in {time.perf_counter() - t0:.1f}s")

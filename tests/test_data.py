@@ -282,7 +282,7 @@ def test_old_calibration_knob_names_its_replacement():
     assert tg.Hyperparameters.from_env({"PRESET": "frontier"}).gptq_calib_tokens == 16 * 48 * 2048
     assert tg.Hyperparameters.from_env({"PRESET": "frontier"}).train_doc_rows
 
-# ---- rule audit: main() feeds GPTQ calibration and the temperature fit only training tokens ----
+# ---- rule audit: main() feeds GPTQ calibration only training tokens ----
 
 SPLIT_ID = 512  # training shards hold token ids < SPLIT_ID (and BOS), validation shards ids >= SPLIT_ID (and BOS)
 
@@ -301,20 +301,20 @@ def split_vocab_data(sample_data, tmp_path_factory):
     return out
 
 
-def test_main_calibrates_and_fits_temperature_on_training_tokens_only(split_vocab_data, tmp_path, monkeypatch):
-    """Runs main() in process (the tiny model, 2 steps, document-packed rows) with GPTQ on the embedding and the
-    temperature fit on, recording every token id that collect_hessians, fit_temperature and the training loader
-    receive: all must be training ids. A main() that hands either of them validation tokens fails here."""
+def test_main_calibrates_on_training_tokens_only(split_vocab_data, tmp_path, monkeypatch):
+    """Runs main() in process (the tiny model, 2 steps, document-packed rows) with GPTQ on the embedding,
+    recording every token id that collect_hessians and the training loader receive: all must be training ids. A
+    main() that hands either of them validation tokens fails here."""
     for key in [k for k in os.environ if k in {f.name.upper() for f in tg.fields(tg.Hyperparameters)}
                 or k in ("WORLD_SIZE", "RANK", "LOCAL_RANK")]:
         monkeypatch.delenv(key)
     knobs = {**TINY_KNOBS, "DATA_PATH": str(split_vocab_data), "TOKENIZER_PATH": str(split_vocab_data / "tokenizer.model"),
              "LOG_DIR": str(tmp_path / "logs"), "ARTIFACT_PATH": str(tmp_path / "model.ptz"), "RUN_ID": "audit",
-             "ITERATIONS": "2", "GPTQ": "1", "GPTQ_EMBED": "1", "FIT_TEMPERATURE": "1", "TTT": "0", "SLIDING_EVAL": "0",
+             "ITERATIONS": "2", "GPTQ": "1", "GPTQ_EMBED": "1", "TTT": "0", "SLIDING_EVAL": "0",
              "TRAIN_DOC_ROWS": "1", "GPTQ_CALIB_TOKENS": "1024"}
     for key, value in knobs.items():
         monkeypatch.setenv(key, value)
-    seen = {"hessians": [], "temperature": [], "training": []}
+    seen = {"hessians": [], "training": []}
 
     def recording(name, fn):
         def wrapper(model, batches, *args):
@@ -323,7 +323,6 @@ def test_main_calibrates_and_fits_temperature_on_training_tokens_only(split_voca
         return wrapper
 
     monkeypatch.setattr(tg, "collect_hessians", recording("hessians", tg.collect_hessians))
-    monkeypatch.setattr(tg, "fit_temperature", recording("temperature", tg.fit_temperature))
     next_batch = tg.DistributedTokenLoader.next_batch
     monkeypatch.setattr(tg.DistributedTokenLoader, "next_batch",
                         lambda self: seen["training"].extend(b := next_batch(self)) or b)

@@ -98,7 +98,7 @@ def test_knobs_defaults_when_env_empty():
     assert h.model_dim == 512 and h.train_seq_len == 2048 and h.vocab_size == 1024
     assert h.max_wallclock_seconds == 600.0 and type(h.max_wallclock_seconds) is float
     assert h.max_artifact_bytes == 16_000_000 and h.preset == "seed"
-    assert (h.quant_small_bits, h.lqer_rank, h.gptq_embed, h.fit_temperature) == (0, 0, False, False)
+    assert (h.quant_attn_bits, h.quant_small_bits, h.lqer_rank, h.gptq_embed) == (5, 8, 0, False)
     # the SDClip multipliers are tuned values (not pinned here); each is a positive float knob of its own
     ks = (h.sdclip_attn_k, h.sdclip_mlp_k, h.sdclip_embed_k)
     assert all(type(k) is float and k > 0 for k in ks), ks
@@ -551,7 +551,7 @@ VAL_LINE = re.compile(r"^step:(\d+) val_loss:([0-9.]+) val_bpb:([0-9.]+)", re.M)
 FINAL_RE = re.compile(r"^final_(roundtrip|sliding|ttt) val_loss:(\S+) val_bpb:(\S+) tokens:(\d+) bytes:(\d+)", re.M)
 # export knobs of PRESET=frontier on the tiny model: none of them is needed to read the artifact back
 EXPORT_KNOBS = {"QUANT_MLP_BITS": "6", "SDCLIP_MLP_K": "11.5", "QUANT_EMBED_BITS": "7", "SDCLIP_EMBED_K": "14",
-                "QUANT_SMALL_BITS": "8", "GPTQ_EMBED": "1", "LQER_RANK": "2", "FIT_TEMPERATURE": "1"}
+                "QUANT_SMALL_BITS": "8", "GPTQ_EMBED": "1", "LQER_RANK": "2"}
 
 
 @pytest.fixture(scope="module")
@@ -610,13 +610,12 @@ def test_train_run_log_lines(train_run):
     assert re.search(r"^provenance code_sha256:[0-9a-f]{64} torch:\S+ cuda:\S+ gpu:none gpus:\d+ world:1$", log, re.M)
     assert re.search(r"^data train_shards:1 val_shards:1 val_tokens:4096 val_max_tokens:4096 byte_source:tokenizer_tables$",
                      log, re.M)
-    m = re.search(r"^calibration: (\d+) training tokens .*, (\d+) Hessians, temperature:(\S+) in", log, re.M)
+    m = re.search(r"^calibration: (\d+) training tokens .*, (\d+) Hessians in", log, re.M)
     n_block_matrices = sum(1 for n, p in train_gpt.GPT(h).named_parameters()
                            if n.startswith("blocks.") and p.ndim == 2 and train_gpt.tensor_bits(n, h)
                            and p.numel() > h.passthrough_max_numel)
     assert n_block_matrices == 24
     assert m and int(m.group(1)) == 512 and int(m.group(2)) == n_block_matrices + 1  # + the tied embedding
-    assert float(m.group(3)) in train_gpt.TEMPERATURES
     assert re.search(r"^clock_train: training [\d.]+s \+ calibration [\d.]+s = [\d.]+s limit:0s", log, re.M)
     assert re.search(r"^export: zstd-22 lqer_rank:2 -> ", log, re.M)
     logged = json.loads(re.search(r"^hyperparameters (\{.*\})$", log, re.M).group(1))
@@ -652,13 +651,11 @@ def test_train_run_final_lines_and_sizes(train_run):
 
 
 def test_train_run_artifact_holds_the_export_features(train_run):
-    """The artifact of the run: int8 small tensors, GPTQ'd embedding, LQER factors, the fitted temperature."""
+    """The artifact of the run: int8 small tensors, GPTQ'd embedding, and LQER factors."""
     log = _ok(train_run)
     config, qs = train_gpt.deserialize_artifact(train_run["artifact"].read_bytes())
     h = train_gpt.Hyperparameters.from_env({**TINY_KNOBS, **EXPORT_KNOBS})
     assert config["num_layers"] == 4 and config["model_dim"] == 64 and config["looping"] is False
-    logged_t = float(re.search(r"temperature:(\S+) in", log).group(1))
-    assert config["temperature"] == logged_t
     assert qs["tok_emb.weight"]["bits"] == h.quant_embed_bits
     assert qs["blocks.2.mlp.fc.weight"]["bits"] == h.quant_mlp_bits
     assert qs["blocks.0.attn.c_k.weight"]["bits"] == h.quant_attn_bits  # 2048 > PASSTHROUGH_MAX_NUMEL 1024

@@ -30,7 +30,7 @@ RECORD = {
     "quant_attn_bits": 6, "quant_mlp_bits": 6, "quant_embed_bits": 7,  # rows 61-63
     "sdclip_attn_k": 13.0, "sdclip_mlp_k": 11.5, "sdclip_embed_k": 14.0, "gptq": True, "gptq_embed": True,
     "gptq_calib_tokens": 16 * 48 * 2048,  # row 65: 16 batches of 48 sequences of 2048
-    "lqer_rank": 4, "lqer_tensors": 3, "fit_temperature": False,  # rows 66, 85
+    "lqer_rank": 4, "lqer_tensors": 3,  # row 66
     "ttt": True, "ttt_mode": "phased", "sliding_eval": False,  # rows 72-73
     "ttt_lora_rank": 80, "ttt_lora_lr": 1e-4, "ttt_lora_wd": 0.5, "ttt_lora_chunk": 48, "ttt_lora_docs": 64,
     "ttt_lora_warm_a": True, "ttt_phases": 3, "ttt_phase_docs": 2500,  # rows 74-80

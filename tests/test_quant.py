@@ -1,6 +1,6 @@
 """Quantization and export: per-row rounding (SDClip, and the row-max rule), the AUTO_FIT grid, GPTQ (block
 matrices and the tied embedding), LQER, int8 small tensors, tensor routing, the artifact format, the logit
-temperature, the byte budget and its search, calibration (training shards only, inside the clock), and EMA/SWA."""
+the byte budget and its search, calibration (training shards only, inside the clock), and EMA/SWA."""
 from __future__ import annotations
 
 import dataclasses
@@ -552,8 +552,8 @@ def test_quantize_state_gptq_embed(embed_setup):
     without = tg.dequantize_entry(tg.quantize_state(model, h, {})["tok_emb.weight"])
     assert out_err(hid, W, with_h) < 0.9 * out_err(hid, W, without)
     h2 = dataclasses.replace(h, gptq_calib_tokens=256)
-    on, _ = tg.calibrate(dataclasses.replace(h2, gptq_embed=True), model, CPU_RT, lambda m: None, 0.0)
-    off, _ = tg.calibrate(h2, model, CPU_RT, lambda m: None, 0.0)
+    on = tg.calibrate(dataclasses.replace(h2, gptq_embed=True), model, CPU_RT, lambda m: None, 0.0)
+    off = tg.calibrate(h2, model, CPU_RT, lambda m: None, 0.0)
     assert "tok_emb.weight" in on and "tok_emb.weight" not in off
     assert set(on) - {"tok_emb.weight"} == set(off) and len(off) == 6 * h.num_layers
 
@@ -571,7 +571,7 @@ def always_int8(name: str) -> bool:
 
 def test_quantize_state_routes_tensors(tiny_hparams):
     h = dataclasses.replace(tiny_hparams, quant_embed_bits=7, quant_bigram_bits=4, quant_attn_bits=6,
-                            quant_mlp_bits=5, passthrough_max_numel=2048)
+                            quant_mlp_bits=5, passthrough_max_numel=2048, quant_small_bits=0)
     model = randomized_model(h)
     state = model.state_dict()
     qs = tg.quantize_state(model, h)
@@ -607,7 +607,7 @@ def test_quant_small_bits_int8(tiny_hparams):
     scalars becomes int8 codes with one fp16 scale per row (max|row| / 127.5), each value within half a step;
     the artifact shrinks by about the bytes the fp16 copies took. (Gates are int8 either way.)"""
     h0 = dataclasses.replace(tiny_hparams, passthrough_max_numel=2048, zstd_level=3, attn_gate=True,
-                             skip_gates=True)
+                             skip_gates=True, quant_small_bits=0)
     h8 = dataclasses.replace(h0, quant_small_bits=8)
     model = randomized_model(h0, seed=11)
     state = model.state_dict()
@@ -731,14 +731,14 @@ def small_artifact(sample_data):
     h = tg.Hyperparameters.from_env({**TINY_KNOBS, "DATA_PATH": str(sample_data), "ZSTD_LEVEL": "3",
                                      "QUANT_SMALL_BITS": "8"})  # int8 gains and mixes: a group of small codes
     qs = tg.quantize_state(randomized_model(h, seed=1), h)
-    return h, qs, tg.serialize_artifact(qs, tg.model_config(h, looping=True, temperature=0.95), h)
+    return h, qs, tg.serialize_artifact(qs, tg.model_config(h, looping=True), h)
 
 
 def test_artifact_round_trip(small_artifact):
     h, qs, blob = small_artifact
     assert blob[:4] == b"\x28\xb5\x2f\xfd"  # a zstd frame first (the head)
     config, back = tg.deserialize_artifact(blob)
-    assert config == tg.model_config(h, looping=True, temperature=0.95)
+    assert config == tg.model_config(h, looping=True)
     assert set(back) == set(qs)
     for name, e in qs.items():
         assert set(back[name]) == set(e), name
@@ -940,60 +940,7 @@ def test_artifact_shrinks_with_fewer_bits(tiny_hparams):
 
 
 # ----------------------------------------------------------------------------------------------
-# 8. logit temperature
-# ----------------------------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize("true_t", [0.9, 1.1])
-def test_fit_temperature_recovers_the_sampling_temperature(tiny_hparams, true_t):
-    """Targets drawn from the model's own distribution at temperature T: fit_temperature's choice is the argmin of
-    an independently computed NLL over TEMPERATURES, lies on T's side of 1 within one grid step (an inner point of
-    the grid, reached from either side), and is left applied as 1/T."""
-    model = perturbed_model(tiny_hparams, seed=2)
-    with torch.no_grad():
-        model.tok_emb.weight.mul_(60)  # confident, informative predictions
-    g = torch.Generator().manual_seed(0)
-    x = torch.randint(0, tiny_hparams.vocab_size, (16, 64), generator=g)
-    with torch.no_grad():
-        z = model.logits(x).reshape(-1, tiny_hparams.vocab_size)
-    y = torch.multinomial(torch.softmax(z / true_t, -1), 1, generator=g).view(16, 64)
-    best = tg.fit_temperature(model, [(x[:8], y[:8]), (x[8:], y[8:])], CPU_RT)
-    nll = {t: F.cross_entropy(z.double() / t, y.flatten()).item() for t in tg.TEMPERATURES}
-    assert best == min(nll, key=nll.get)
-    assert abs(best - true_t) <= 0.05 + 1e-9 and (best - 1.0) * (true_t - 1.0) > 0, best
-    assert model.inv_temperature.item() == pytest.approx(1.0 / best)
-    with torch.no_grad():
-        assert torch.allclose(model.logits(x).reshape(-1, tiny_hparams.vocab_size), z / best, atol=1e-5)
-
-
-def test_temperature_stored_in_artifact_and_applied_at_load(tiny_hparams, tmp_path):
-    """FIT_TEMPERATURE: calibrate fits it on training tokens, export_artifact stores it in the artifact's config,
-    load_artifact_into applies it (also to a fresh EVAL_ONLY model)."""
-    h = dataclasses.replace(tiny_hparams, gptq=False, fit_temperature=True, gptq_calib_tokens=512, zstd_level=3,
-                            artifact_path=str(tmp_path / "m.ptz"))
-    model = perturbed_model(h, seed=4)
-    lines = []
-    hessians, temperature = tg.calibrate(h, model, CPU_RT, lines.append, 0.0)
-    assert hessians is None and temperature in tg.TEMPERATURES and temperature != 1.0
-    assert model.inv_temperature.item() == pytest.approx(1.0 / temperature)
-    assert any(f"temperature:{temperature}" in line for line in lines)
-    tg.export_artifact(h, model, CPU_RT, lines.append, None, temperature)
-    blob = (tmp_path / "m.ptz").read_bytes()
-    config, qs = tg.deserialize_artifact(blob)
-    assert config["temperature"] == temperature
-    fresh = tg.load_artifact_into(None, blob, tg.Hyperparameters(), torch.device("cpu"))
-    assert fresh.inv_temperature.item() == pytest.approx(1.0 / temperature)
-    reference = tg.GPT(h)
-    reference.load_state_dict(tg.dequantize_state(qs))
-    x = torch.randint(0, h.vocab_size, (2, 32))
-    with torch.no_grad():
-        assert torch.allclose(fresh.logits(x), reference.logits(x) / temperature, atol=1e-5)
-        other = tg.load_artifact_into(tg.GPT(h), blob, h, torch.device("cpu"))  # the in-run path as well
-        assert torch.allclose(other.logits(x), fresh.logits(x), atol=1e-6)
-
-
-# ----------------------------------------------------------------------------------------------
-# 9. the byte budget: hard cap, check_budget, quantize_within_budget
+# 8. the byte budget: hard cap, check_budget, quantize_within_budget
 # ----------------------------------------------------------------------------------------------
 
 
@@ -1060,7 +1007,7 @@ def gptq_budget_setup(sample_data):
     """The tiny model with GPTQ Hessians and LQER: real artifacts differ from the round-to-nearest estimate."""
     h = tg.Hyperparameters.from_env({**TINY_KNOBS, "DATA_PATH": str(sample_data), "LQER_RANK": "4"})
     model = perturbed_model(h, seed=5)
-    hessians, _ = tg.calibrate(h, model, CPU_RT, lambda line: None, 0.0)
+    hessians = tg.calibrate(h, model, CPU_RT, lambda line: None, 0.0)
     config = tg.model_config(h, False)
     return h, model, hessians, config, len(tg.serialize_artifact(tg.quantize_state(model, h, hessians), config, h))
 
@@ -1123,12 +1070,12 @@ def test_auto_fit_off(budget_setup):
 
 
 # ----------------------------------------------------------------------------------------------
-# 10. calibration: training shards only, inside the training clock
+# 9. calibration: training shards only, inside the training clock
 # ----------------------------------------------------------------------------------------------
 
 
 def calibration_reads(h, model, monkeypatch, redirect_to_val=False):
-    """Shard paths calibrate() loads (GPTQ Hessians and temperature). redirect_to_val: the broken variant, every
+    """Shard paths calibrate() loads (GPTQ Hessians). redirect_to_val: the broken variant, every
     path the code builds points at the validation shards instead."""
     seen, real_load, real_join = [], tg.load_shard, os.path.join
 
@@ -1140,7 +1087,7 @@ def calibration_reads(h, model, monkeypatch, redirect_to_val=False):
         m.setattr(tg, "load_shard", spy)
         if redirect_to_val:
             m.setattr(tg.os.path, "join", lambda *a: real_join(*a).replace("fineweb_train_", "fineweb_val_"))
-        hessians, _ = tg.calibrate(h, model, CPU_RT, lambda line: None, 0.0)
+        hessians = tg.calibrate(h, model, CPU_RT, lambda line: None, 0.0)
     return seen, hessians
 
 
@@ -1150,7 +1097,7 @@ def only_training_shards(paths) -> bool:
 
 @pytest.fixture
 def calib_h(tiny_hparams):
-    return dataclasses.replace(tiny_hparams, gptq_calib_tokens=256, fit_temperature=True, gptq_embed=True)
+    return dataclasses.replace(tiny_hparams, gptq_calib_tokens=256, gptq_embed=True)
 
 
 def test_calibration_reads_only_training_shards(calib_h, monkeypatch):
@@ -1179,19 +1126,15 @@ def test_calibration_must_end_inside_the_training_budget(calib_h):
     tg.calibrate(h, model, CPU_RT, lines.append, 50.0)  # room left: fine, and the clock line says so
     assert re.match(r"clock_train: training 50\.0s \+ calibration [\d.]+s = [\d.]+s limit:100s", lines[-1])
     tg.calibrate(dataclasses.replace(h, max_wallclock_seconds=0.0), model, CPU_RT, lines.append, 1e9)  # no cap
-    # temperature fitting alone is calibration too (it reads training tokens): over the clock, it fails the run
-    with pytest.raises(RuntimeError, match="MAX_WALLCLOCK_SECONDS"):
-        tg.calibrate(dataclasses.replace(h, gptq=False), model, CPU_RT, lambda line: None, 100.0 - 1e-9)
-    # no GPTQ and no temperature: nothing is read or fitted, so a run that trained to the clock passes
+    # no GPTQ: nothing is read, so a run that trained to the clock passes
     lines.clear()
-    hessians, temperature = tg.calibrate(dataclasses.replace(h, gptq=False, fit_temperature=False), model, CPU_RT,
-                                         lines.append, 100.0 + 5.0)
-    assert hessians is None and temperature == 1.0
-    assert lines[0].startswith("calibration: 0 training tokens (0 per rank, 1 shards), 0 Hessians, temperature:1.0 in ")
+    hessians = tg.calibrate(dataclasses.replace(h, gptq=False), model, CPU_RT, lines.append, 100.0 + 5.0)
+    assert hessians is None
+    assert lines[0].startswith("calibration: 0 training tokens (0 per rank, 1 shards), 0 Hessians in ")
 
 
 # ----------------------------------------------------------------------------------------------
-# 11. WeightAverager
+# 10. WeightAverager
 # ----------------------------------------------------------------------------------------------
 
 
