@@ -70,7 +70,7 @@ ABLATIONS: list[tuple[str, dict[str, str]]] = [
     ("polar_ns", {"MUON_NS_COEFFS": "polar"}),
     ("gptq_embed", {"GPTQ_EMBED": "1"}),
     ("lqer", {"LQER_RANK": "4"}),
-    ("quant_small_int8", {"QUANT_SMALL_BITS": "8"}),
+    ("quant_small_fp16", {"QUANT_SMALL_BITS": "0"}),
     ("no_ttt", {"TTT": "0"}),
     ("ttt_lora", {"TTT_MODE": "lora"}),
     ("ttt_phased", {"TTT_MODE": "phased"}),
@@ -324,7 +324,7 @@ def expected_param_count(hp: dict) -> int:
     Per block: the matmul weights, q_gain (NUM_HEADS), the ATTN_GATE weights (NUM_HEADS x GATE_DIMS),
     attn_scale + mlp_scale + resid_mix (4d) and, in a two-lane block (PARALLEL_LANES=2, index >=
     PARALLEL_RESID_FROM >= 0), lane_write (2x2) + lane_keep (2). Then the tied embedding, BigramHash (table,
-    projection, scale), SmearGate (d) and, with UNET_SKIPS, one skip weight row per skip (half the virtual layers of
+    projection, scale), SmearGate (d, or 13 in the record form) and, with UNET_SKIPS, one skip weight row per skip (half the virtual layers of
     the looped schedule, rounded down) plus as many SKIP_GATES rows."""
     g = _layer_geometry(hp)
     d, L = g["d"], g["L"]
@@ -335,8 +335,8 @@ def expected_param_count(hp: dict) -> int:
         total += 6 * max(0, L - parallel_from)
     if int(hp.get("bigram_buckets", 0) or 0):
         total += int(hp["bigram_buckets"]) * int(hp["bigram_dim"]) + g["bigram"] + 1
-    if _flag(hp, "smear_gate"):
-        total += d
+    if _flag(hp, "smear_gate"):  # seed form: a gate per dim; record form: 12 weights and a scale
+        total += d if hp.get("smear_form", "seed") == "seed" else 13
     if _flag(hp, "unet_skips", True):
         n_skips = g["L_looped"] // 2  # allocated for the looped schedule, the longest
         total += n_skips * d * (2 if _flag(hp, "skip_gates") else 1)

@@ -243,7 +243,7 @@ def test_table_config_and_errors():
 NEW_ABLATIONS = {"doc_mask": "attn_doc_mask", "attn_gate": "attn_gate", "skip_gates": "skip_gates",
                  "two_lane": "parallel_lanes", "muon_eq_r": "muon_eq_r", "polar_ns": "muon_ns_coeffs",
                  "gptq_embed": "gptq_embed", "lqer": "lqer_rank",
-                 "quant_small_int8": "quant_small_bits", "ttt_lora": "ttt_mode", "ttt_phased": "ttt_mode",
+                 "quant_small_fp16": "quant_small_bits", "ttt_lora": "ttt_mode", "ttt_phased": "ttt_mode",
                  "frontier": "preset"}
 
 

@@ -256,7 +256,7 @@ def test_calibration_windows_spread_over_all_training_shards(three_shards, monke
     assert all(count == 65 and start % 64 == 0 and start + 65 <= sizes[name] for name, start, count in reads)
     x = torch.cat([b[0] for b in batches])
     assert x.shape == (40, 64) and torch.equal(torch.cat([b[1] for b in batches])[:, :-1], x[:, 1:])
-    assert lines[0].startswith("calibration: 2560 training tokens (2560 per rank, 3 shards), 0 Hessians, ")
+    assert lines[0].startswith("calibration: 2560 training tokens (2560 per rank, 3 shards), 0 Hessians in ")
     assert "tokens/s per rank, reserve:12s" in lines[0]
     assert calibration_windows(h, monkeypatch)[0] == reads
     assert set(calibration_windows(tg.Hyperparameters.from_env({**env, "SEED": "7"}), monkeypatch)[0]) != set(reads)
