@@ -1419,7 +1419,7 @@ def train_model(h: Hyperparameters, model: GPT, rt: Runtime, log, val_tokens, lu
         if world > 1:  # the slowest rank's clock: every rank takes the same schedule decision on the same step
             dist.all_reduce(clock, op=dist.ReduceOp.MAX)
         train_time_now = clock.item()
-        stop = budget > 0 and train_time_now >= budget
+        stop = budget > 0 and train_time_now * (step + 1) / step >= budget  # one more average step would pass it
         if h.train_log_every > 0 and (step % h.train_log_every == 0 or step <= 5 or stop):
             log(f"step:{step}/{h.iterations} train_loss:{loss.item():.4f} lr_mul:{lr_mul:.4f} "
                 f"train_time:{train_time_now:.1f}s step_avg:{1000 * train_time_now / step:.2f}ms")
