@@ -128,24 +128,20 @@ def main(argv=None) -> int:
     bad = 0
     if sidecar is not None:
         per_doc = _per_doc(sidecar, docs)
-        diff = [k for k in range(len(docs)) if per_doc[k] != direct[k]]
+        diff = _differing(per_doc, direct)
         base, space, boundary = tables
         lut = np.concatenate(([base[stream[0]]], base[stream[1:]] + (space[stream[1:]] & ~boundary[stream[:-1]])))
         pos = int((lut != sidecar).sum())
         print(f"  byte sidecar: {int(sidecar.sum()):,} bytes, {len(diff)} document(s) differ from direct, "
               f"{pos:,} position(s) differ from the byte tables" + (" (identity normalization: documents "
               "that start with a space count it in the sidecar)" if pos and not diff else ""))
-        for k in diff[:5]:
-            print(f"    doc {k}: sidecar {per_doc[k]} vs direct {direct[k]}: {decoded[k][:80]!r}")
-        bad += len(diff)
+        bad += _show(diff, "sidecar", per_doc, "direct", direct, decoded)
     for name, counts in (("builder", builder), ("trainer", trainer)):
         if counts is None:
             continue
-        diff = [k for k in range(len(docs)) if counts[k] != direct[k]]
+        diff = _differing(counts, direct)
         print(f"  {name} tables: {sum(counts):,} bytes, {len(diff)} document(s) differ")
-        for k in diff[:5]:
-            print(f"    doc {k}: {name} {counts[k]} vs direct {direct[k]}: {decoded[k][:80]!r}")
-        bad += len(diff)
+        bad += _show(diff, name, counts, "direct", direct, decoded)
     if args.text:
         raw = _input_documents(args.text, len(docs))
         raw_bytes = sum(len(t.encode("utf-8")) for t in raw)
@@ -162,6 +158,18 @@ def _input_documents(path, n: int) -> list[str]:
     if len(raw) < n:
         sys.exit(f"check_bytes: {len(raw)} non-empty input documents but {n} in the shards")
     return raw[:n]
+
+
+def _differing(counts: list[int], reference: list) -> list[int]:
+    """Documents whose count differs from the reference's (a None reference is not checked)."""
+    return [k for k, (c, r) in enumerate(zip(counts, reference)) if r is not None and c != r]
+
+
+def _show(diff: list[int], name: str, counts, ref_name: str, reference, texts) -> int:
+    """Prints the first five differing documents; returns how many differ."""
+    for k in diff[:5]:
+        print(f"    doc {k}: {name} {counts[k]} vs {ref_name} {reference[k]}: {texts[k][:80]!r}")
+    return len(diff)
 
 
 def _per_doc(counts: np.ndarray, docs: list[np.ndarray]) -> list[int]:
@@ -196,11 +204,9 @@ def check_caseops(args, sp, scheme, stream, docs, sidecar, n_files) -> int:
         bad += args.split == "val"
     else:
         per_doc = _per_doc(sidecar, docs)
-        diff = [k for k in range(len(docs)) if direct[k] is not None and per_doc[k] != direct[k]]
+        diff = _differing(per_doc, direct)
         print(f"  byte sidecar: {int(sidecar.sum()):,} bytes, {len(diff)} document(s) differ from the original")
-        for k in diff[:5]:
-            print(f"    doc {k}: sidecar {per_doc[k]} vs original {direct[k]}: {originals[k][:80]!r}")
-        bad += len(diff)
+        bad += _show(diff, "sidecar", per_doc, "original", direct, originals)
     if args.text:
         raw = _input_documents(args.text, len(docs))
         differ = [k for k in range(len(docs)) if originals[k] is not None and originals[k] != raw[k]]
