@@ -64,11 +64,16 @@ def init_model(h: tg.Hyperparameters) -> tg.GPT:
     return model
 
 
+def gptq_names(model: tg.GPT, h: tg.Hyperparameters, gptq_embed: bool) -> set[str]:
+    """The tensors train_gpt.calibrate collects Hessians for: quantized block matrices (and the tied embedding)."""
+    return {n for n, p in model.named_parameters() if tg.tensor_bits(n, h) and p.numel() > h.passthrough_max_numel
+            and (n.startswith("blocks.") or n == "tok_emb.weight" and gptq_embed)}
+
+
 def calibration_hessians(model: tg.GPT, h: tg.Hyperparameters, seqs: int, seq_len: int, gptq_embed: bool):
     """GPTQ Hessians of the block matrices the export quantizes (and of the tied embedding), from the first
     seqs x seq_len training tokens of DATA_PATH."""
-    names = {n for n, p in model.named_parameters() if tg.tensor_bits(n, h) and p.numel() > h.passthrough_max_numel
-             and (n.startswith("blocks.") or n == "tok_emb.weight" and gptq_embed)}
+    names = gptq_names(model, h, gptq_embed)
     stream = tg.DistributedTokenLoader(os.path.join(h.data_path, "fineweb_train_*.bin"), h.vocab_size, 0, 1,
                                        torch.device("cpu"), h.train_seq_len, h.train_seq_len, prefetch=False)
     tokens = torch.from_numpy(stream.take(seqs * seq_len + 1).astype("int64"))

@@ -18,13 +18,12 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__))))
 import torch  # noqa: E402
 
 import train_gpt as tg  # noqa: E402
-from artifact_size import init_model  # noqa: E402
+from artifact_size import gptq_names, init_model  # noqa: E402
 
 torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
 h = tg.Hyperparameters.from_env(dict(a.split("=", 1) for a in sys.argv[2:]))
 model = init_model(h)
-names = {n for n, p in model.named_parameters() if tg.tensor_bits(n, h) and p.numel() > h.passthrough_max_numel
-         and (n.startswith("blocks.") or n == "tok_emb.weight" and h.gptq_embed)}
+names = gptq_names(model, h, h.gptq_embed)
 x = torch.randint(2, h.vocab_size, (1, h.train_seq_len), generator=torch.Generator().manual_seed(0))
 t0 = time.perf_counter()
 hessians = tg.collect_hessians(model, [(x, x)], names, tg.Runtime(torch.device("cpu")))
